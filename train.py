@@ -502,7 +502,7 @@ def interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, worl
            "loss": float(torch.stack([l for _, l in recent]).mean())}
     rec.update({f"loss_{k}": float(v) for k, v in parts.items()})
     rec.update({"lr": optimizer.param_groups[0]["lr"],
-                "logit_scale": float(raw.logit_scale.exp().clamp(max=raw.config.max_logit_scale)),
+                "logit_scale": float(raw.logit_scale.detach().exp().clamp(max=raw.config.max_logit_scale)),
                 "grad_norm": float(gnorm), "pairs_per_s": rate * args.batch_size * world,
                 "eta_min": (total - pos["step"]) / max(rate, 1e-9) / 60, "skipped": skipped,
                 "time_s": elapsed})
