@@ -26,12 +26,11 @@ Run the loss benchmark:  python alignclip.py bench
 Train:                   python train.py            Evaluate: python eval.py all --checkpoint runs/.../last.pt
 """
 
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 import argparse
+from collections import Counter, defaultdict
 import colorsys
 import csv
+from dataclasses import dataclass, fields
 import functools
 import gzip
 import hashlib
@@ -43,6 +42,7 @@ import itertools
 import json
 import math
 import os
+from pathlib import Path
 import random
 import re
 import statistics
@@ -52,16 +52,15 @@ import time
 import unicodedata
 import warnings
 
-from PIL import Image, ImageDraw
-from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
-from torchvision.transforms import InterpolationMode
 import numpy as np
+from PIL import Image, ImageDraw
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset, get_worker_info, IterableDataset, Sampler
+from torchvision.transforms import InterpolationMode
 import torchvision.transforms.functional as TF
 
 
@@ -671,12 +670,15 @@ class CLIP(nn.Module):
         if not bool(is_eot.any(dim=1).all()):
             raise ValueError(f"every text must contain the end-of-text id {self.config.eot_id}")
         eot = is_eot.int().argmax(dim=1)                           # (B,) first end-of-text position
-        x = self.text(tokens)                                      # (B, T, W)
+        # Causal attention: no position sees a later one, so padding after the last end token of
+        # the batch cannot change any embedding. Dropping it is exact and saves compute.
+        tokens = tokens[:, : int(eot.max()) + 1]                   # (B, T') with T' <= T
+        x = self.text(tokens)                                      # (B, T', W)
         if self.config.shared:
             transformer, ln, proj = self.transformer, self.ln_post, self.projection
         else:
             transformer, ln, proj = self.text_transformer, self.ln_final, self.text_projection
-        x = transformer(x, causal=True)                            # (B, T, W)
+        x = transformer(x, causal=True)                            # (B, T', W)
         x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, D)
         return F.normalize(x, dim=-1)
 
@@ -840,7 +842,12 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
 # Losses (method.md section 2) and the alignment metrics (section 3)
 #
 # Self-contained: this section needs only torch and the standard library, so it can be copied
-# alone into another codebase. In an existing CLIP training loop, where image_emb and text_emb are
+# alone into another codebase, with these imports (the benchmark at its end also uses argparse,
+# functools, statistics, sys and time; leave it out if you do not need it):
+#     import torch
+#     import torch.nn.functional as F
+#     from torch.autograd.function import once_differentiable
+# In an existing CLIP training loop, where image_emb and text_emb are
 # L2-normalised (b, d) and logit_scale = model.logit_scale.exp(), replace the CLIP loss with:
 #
 #     sem = sbert.encode(captions, convert_to_tensor=True)                # (b, d_s), any scale
@@ -1539,24 +1546,28 @@ _TEMPLATES = {
 
 
 def _star(points=5, inner=0.45):
-    return [((1.0 if k % 2 == 0 else inner) * math.cos(math.pi * (k / points - 0.5)),
-             (1.0 if k % 2 == 0 else inner) * math.sin(math.pi * (k / points - 0.5))) for k in range(2 * points)]
+    """Corners alternating between radius 1 and `inner`, the first pointing up."""
+    radii = [1.0 if k % 2 == 0 else inner for k in range(2 * points)]
+    angles = [math.pi * (k / points - 0.5) for k in range(2 * points)]
+    return tuple((r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles))
 
 
 def _heart(n=40):
-    pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
-           for t in (2 * math.pi * k / n for k in range(n))]
-    return [(x / 16.5, (y + 2.5) / 14.5) for x, y in pts]  # centred in [-1, 1]^2
+    """The classic parametric heart, x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t."""
+    ts = [2 * math.pi * k / n for k in range(n)]
+    xs = [16 * math.sin(t) ** 3 for t in ts]
+    ys = [-(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) for t in ts]
+    return tuple((x / 16.5, (y + 2.5) / 14.5) for x, y in zip(xs, ys))  # centred in [-1, 1]^2
 
 
 # outlines in units of the object's radius, y pointing down; circle and ring are drawn as ellipses
 _POLYGONS = {
-    "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
-    "triangle": [(0.0, -0.95), (1.0, 0.8), (-1.0, 0.8)],
+    "square": ((-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)),
+    "triangle": ((0.0, -0.95), (1.0, 0.8), (-1.0, 0.8)),
     "star": _star(),
-    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
-              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
-    "diamond": [(0.0, -1.0), (0.68, 0.0), (0.0, 1.0), (-0.68, 0.0)],
+    "cross": ((-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
+              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)),
+    "diamond": ((0.0, -1.0), (0.68, 0.0), (0.0, 1.0), (-0.68, 0.0)),
     "heart": _heart(),
 }
 
@@ -1581,9 +1592,9 @@ def _draw_background(bg, size):
     elif bg["kind"] == "texture":
         low = Image.fromarray(rng.normal(0.0, 22.0, (6, 6)).astype(np.float32), mode="F")
         arr = c0 + np.asarray(low.resize((size, size), Image.BILINEAR))[..., None]
-    else:  # grain: one noise value per output pixel (size // 2), each covering 2x2 supersampled pixels
-        grain = rng.integers(-24, 25, (size // 2, size // 2, 1)).astype(np.float32)
-        arr = c0 + grain.repeat(2, 0).repeat(2, 1)
+    else:  # grain in 2x2 blocks: one output pixel each at the default 2x supersampling
+        grain = rng.integers(-14, 15, ((size + 1) // 2, (size + 1) // 2, 1)).astype(np.float32)
+        arr = c0 + grain.repeat(2, 0).repeat(2, 1)[:size, :size]
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -1599,6 +1610,24 @@ def _draw_object(draw, obj, size):
         c, s = math.cos(obj["angle"]), math.sin(obj["angle"])
         draw.polygon([(cx + r * (c * x - s * y), cy + r * (s * x + c * y)) for x, y in _POLYGONS[shape]],
                      fill=color)
+
+
+def _random_object(rng, place, main, alone):
+    """One object of a scene. The main object is always the largest and is large (radius 0.24-0.36
+    of the image side: many 8-pixel patches at 64 px, so its shape can be learned quickly) except
+    sometimes when alone (then radius 0.15-0.2, called small); the others are small (0.11-0.15)."""
+    large = main and (not alone or rng.random() < 0.8)
+    if large:
+        radius = rng.uniform(0.28, 0.36) if alone else rng.uniform(0.24, 0.3)
+    else:
+        radius = rng.uniform(0.15, 0.2) if main else rng.uniform(0.11, 0.15)
+    reach = 0.2 if main else 0.32  # distance of the place from the centre; small objects sit further out
+    (dx, dy), color = _PLACES[place][0], rng.randrange(len(_COLOR_WORDS))
+    x = min(max(0.5 + reach * dx + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
+    y = min(max(0.5 + reach * dy + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
+    rgb = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in _COLOR_WORDS[color][2])
+    return dict(shape=rng.randrange(len(_SHAPE_WORDS)), color=color, rgb=rgb, large=large, place=place,
+                x=x, y=y, radius=radius, angle=math.radians(rng.uniform(-5, 5)))
 
 
 def _with_article(phrase):
@@ -1621,6 +1650,10 @@ def _object_phrase(rng, obj):
 class SyntheticScenes(Dataset):
     """Built-in image-caption pairs: 1-3 coloured shapes on a muted background, drawn on the fly.
 
+    Scenes: 1, 2 or 3 objects (70/20/10 %), each one of 8 shapes and 8 colours, small or large, at
+    one of 5 places; backgrounds plain, gradient, blotchy or grainy, of low saturation. Drawn at
+    supersample x image_size and box-filtered down (antialiasing); about 4,000 images/s on one core.
+
     Everything about image i is a function of (seed, split, i): no files, no state, any worker can
     draw any index. "train" and "val" draw from different seed streams. Each image has
     captions_per_image different captions (captions(i), for retrieval); the training caption is
@@ -1630,11 +1663,13 @@ class SyntheticScenes(Dataset):
     """
 
     label_names = {"shape": [w[0] for w in _SHAPE_WORDS], "color": [w[0] for w in _COLOR_WORDS]}
+    # Prompts written like the captions. Each class is also put next to every value of the OTHER
+    # attribute ("a red {}.", "a blue {}.", ... for shapes), so that the class embedding, the mean
+    # over templates, averages that attribute out; this scored a few points above generic prompts.
     zeroshot_templates = {
-        "shape": ["a {}.", "a picture of a {}.", "a photo of a {}.", "there is a {}.", "a drawing of a {}.",
-                  "an image showing a {}.", "a simple scene with a {}."],
-        "color": ["something {}.", "a picture of something {}.", "a shape in {}.", "an object in {}.",
-                  "there is something {}.", "a drawing of something {}."],
+        "shape": ["a {}.", "a picture of a {}.", "there is a {}."]
+        + [_with_article(f"{c[0]} {{}}.") for c in _COLOR_WORDS],
+        "color": ["a {} shape.", "a picture of something {}."] + [f"a {{}} {s[0]}." for s in _SHAPE_WORDS],
     }
     default_sizes = {"train": 20_000, "val": 1_000}
 
@@ -1656,29 +1691,16 @@ class SyntheticScenes(Dataset):
         """{"objects": [main, others...], "background": {...}}; positions and radii in [0, 1]."""
         self._check(i)
         rng = random.Random(derive_seed("scene", self.seed, self.split, i))
-        n = rng.choices([1, 2, 3], weights=[0.6, 0.25, 0.15])[0]
+        n = rng.choices([1, 2, 3], weights=[0.7, 0.2, 0.1])[0]
         main_place = rng.choice(list(_PLACES))  # the others go to the sides, away from the main object
         places = [main_place] + rng.sample([p for p in _PLACES if p not in ("centre", main_place)], n - 1)
-        objects = []
-        for k, place in enumerate(places):
-            main = k == 0
-            large = main and (n > 1 or rng.random() < 0.8)  # the main object is the largest
-            if main:  # big enough for its shape to span many 8-pixel patches at 64 px
-                radius = (rng.uniform(0.24, 0.3) if n > 1 else rng.uniform(0.28, 0.36)) if large else rng.uniform(0.15, 0.2)
-            else:
-                radius = rng.uniform(0.11, 0.15)
-            reach = 0.2 if main else 0.32  # small objects sit further out, so the main one hides less of them
-            (dx, dy), color = _PLACES[place][0], rng.randrange(len(_COLOR_WORDS))
-            x = min(max(0.5 + reach * dx + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
-            y = min(max(0.5 + reach * dy + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
-            rgb = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in _COLOR_WORDS[color][2])
-            objects.append(dict(shape=rng.randrange(len(_SHAPE_WORDS)), color=color, rgb=rgb, large=large,
-                                place=place, x=x, y=y, radius=radius, angle=math.radians(rng.uniform(-12, 12))))
-        background = dict(kind=rng.choice(list(_BACKGROUND_WORDS)), c0=_muted_color(rng), c1=_muted_color(rng),
-                          direction=rng.randrange(4), seed=rng.getrandbits(63))
+        objects = [_random_object(rng, place, main=k == 0, alone=n == 1) for k, place in enumerate(places)]
+        background = dict(kind=rng.choice(list(_BACKGROUND_WORDS)), c0=_muted_color(rng),
+                          c1=_muted_color(rng), direction=rng.randrange(4), seed=rng.getrandbits(63))
         return {"objects": objects, "background": background}
 
     def image(self, i):
+        """Image i: PIL RGB, image_size x image_size."""
         scene, big = self.scene(i), self.image_size * self.supersample
         img = _draw_background(scene["background"], big)
         draw = ImageDraw.Draw(img)
@@ -1712,6 +1734,7 @@ class SyntheticScenes(Dataset):
         return out
 
     def labels(self, i):
+        """Class indices of the main object, into label_names."""
         main = self.scene(i)["objects"][0]
         return {"shape": main["shape"], "color": main["color"]}
 
@@ -2038,7 +2061,8 @@ def load_sentence_encoder(name_or_path, device="cpu"):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
-        raise RuntimeError("the semantic cache needs sentence-transformers: pip install sentence-transformers") from e
+        raise RuntimeError("the semantic cache needs sentence-transformers: "
+                           "pip install sentence-transformers") from e
     if os.path.isdir(name_or_path):
         return SentenceTransformer(str(name_or_path), device=device, local_files_only=True)
     try:
@@ -2113,9 +2137,11 @@ class SemanticCache:
         bar = _caption_bar(len(unique)) if show_progress else None
         out, chunk = None, batch_size * 8
         for lo in range(0, len(unique), chunk):
-            e = np.asarray(encoder.encode(unique[lo:lo + chunk], batch_size=batch_size, convert_to_numpy=True))
+            texts = unique[lo:lo + chunk]
+            e = np.asarray(encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True))  # (n, d_s)
             if out is None:  # written straight to disk: the caption set may not fit in memory
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(unique), e.shape[1]))
+                shape = (len(unique), e.shape[1])
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
             out[lo:lo + len(e)] = e
             if bar is not None:
                 bar.update(len(e))

@@ -1,33 +1,33 @@
 """Tests for alignclip (CPU, fast): pytest"""
 from collections import Counter
-from dataclasses import asdict
-from pathlib import Path
 import csv
 import dataclasses
-import eval as E
+from dataclasses import asdict
 import importlib.util
 import io
 import json
 import math
 import os
+from pathlib import Path
 import pickle
-import pytest
 import random
 import sys
 import tarfile
 import time
-import train as T
 import zlib
 
-from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision.transforms import RandomResizedCrop
 import numpy as np
+from PIL import Image
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.transforms import RandomResizedCrop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import alignclip as A  # noqa: E402
+import eval as E  # noqa: E402
+import train as T  # noqa: E402
 
 # =============================================================================
 # tokenizer
@@ -516,6 +516,18 @@ def test_clear_errors_on_bad_files(tmp_path):
     del sd["text_projection"]
     with pytest.raises(ValueError, match="lacks: text_projection"):
         A.load_model(sd)
+
+
+def test_trailing_padding_does_not_change_the_text_embedding():
+    # encode_text drops the positions after the batch's last end token: the result must equal
+    # the embedding computed on the full context, read at the end token
+    torch.manual_seed(0)
+    model = A.CLIP(tiny_config()).eval()
+    tokens = tokens_with_eot(3, 16, 299, seed=3, eot_at=None)
+    full = model.transformer(model.text(tokens), causal=True)                 # (3, 16, W), untrimmed
+    eot = (tokens == 299).int().argmax(1)
+    expected = F.normalize(model.ln_post(full[torch.arange(3), eot]) @ model.projection, dim=-1)
+    torch.testing.assert_close(model.encode_text(tokens), expected)
 
 
 
@@ -1017,6 +1029,9 @@ def test_synthetic_speed_is_printed():
     for i in range(len(ds)):
         pairs[(0, i)]
     t2 = time.perf_counter()
+    item = pairs[(0, 0)]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["caption"] == ds.caption(0)
     print(f"synthetic scenes: {len(ds) / (t1 - t0):.0f} images/s drawn, "
           f"{len(ds) / (t2 - t1):.0f} pairs/s drawn + augmented + captioned (one core)")
 
@@ -1027,8 +1042,8 @@ def test_crop_params_match_torchvision(hw):
     for seed in range(20):
         torch.manual_seed(seed)
         expected = RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3])
-        got = A.random_resized_crop_params(*hw, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
-        assert got == expected
+        g = torch.Generator().manual_seed(seed)
+        assert A.random_resized_crop_params(*hw, (0.9, 1.0), (3 / 4, 4 / 3), g) == expected
 
 
 def test_transform_is_a_function_of_the_generator():
@@ -1062,7 +1077,8 @@ def test_csv_bad_rows_become_none_and_are_counted(tmp_path, suffix):
         w.writerow(["id", "filepath", "title"])
         w.writerows([(k, p, c) for k, (p, c) in enumerate(rows)])
     ds = A.CsvPairs(tmp_path / f"pairs{suffix}")
-    assert len(ds) == 5 and ds.caption_list() == ["a red thing", "a blue, quoted thing", "corrupt image", "no file"]
+    assert len(ds) == 5
+    assert ds.caption_list() == ["a red thing", "a blue, quoted thing", "corrupt image", "no file"]
     assert ds[0][0].size == (20, 16) and ds[1][1] == "a blue, quoted thing"
     assert ds[2] is None and ds[3] is None and ds[4] is None
     pairs = A.PairDataset(ds, A.image_transform(24, train=True))
@@ -1092,11 +1108,11 @@ def _write_shard(path, samples):
 
 
 def _make_shards(tmp_path):
-    good = [(f"{s}{k:04d}", {"jpg": _image_bytes((40 * k, 9 * s, 100), "JPEG"), "txt": f"pair {s}-{k}".encode(),
-                             "json": b"{}"}) for s in range(3) for k in range(5)]
-    bad = [("9000", {"jpg": b"garbage", "txt": b"corrupt image"}), ("9001", {"png": _image_bytes((1, 2, 3)),
-                                                                             "txt": b"  \n"}),
-           ("9002", {"webp": _image_bytes((5, 5, 5), "WEBP")})]  # no caption
+    good = [(f"{s}{k:04d}", {"jpg": _image_bytes((40 * k, 9 * s, 100), "JPEG"), "json": b"{}",
+                             "txt": f"pair {s}-{k}".encode()}) for s in range(3) for k in range(5)]
+    bad = [("9000", {"jpg": b"garbage", "txt": b"corrupt image"}),
+           ("9001", {"png": _image_bytes((1, 2, 3)), "txt": b"  \n"}),        # empty caption
+           ("9002", {"webp": _image_bytes((5, 5, 5), "WEBP")})]                # no caption
     shards = [good[0:5] + bad[:1], good[5:10] + bad[1:2], good[10:15] + bad[2:]]
     for s, samples in enumerate(shards):
         _write_shard(tmp_path / f"shard-{s:03d}.tar", samples)
@@ -1104,7 +1120,8 @@ def _make_shards(tmp_path):
 
 
 def _read_all(ds, num_workers):
-    loader = DataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=A.Collate(_hash_tokenizer, None, 8))
+    collate = A.Collate(_hash_tokenizer, None, 8)
+    loader = DataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=collate)
     images, skipped = {}, 0
     for batch in loader:
         skipped += batch["skipped"]
@@ -1125,7 +1142,8 @@ def test_tar_shards_give_the_same_samples_for_any_worker_count(tmp_path):
     assert all(torch.equal(one[c], two[c]) for c in one)  # crops keyed by (seed, epoch, shard, key)
     assert sorted(ds.caption_list()) == sorted(list(one) + ["corrupt image"])
     # ranks and workers split the shards: every shard read exactly once per epoch
-    slots = [A.TarShards(pattern, None, rank=r, world_size=2).shards_for(w, 2) for r in range(2) for w in range(2)]
+    slots = [A.TarShards(pattern, None, rank=r, world_size=2).shards_for(w, num_workers=2)
+             for r in range(2) for w in range(2)]
     assert sorted(u for s in slots for u in s) == sorted(ds.urls)
     orders = set()
     for epoch in range(6):  # a new shard order each epoch (3 shards: 6 orders possible)
@@ -1135,7 +1153,8 @@ def test_tar_shards_give_the_same_samples_for_any_worker_count(tmp_path):
 
 
 def test_damaged_tar_keeps_the_samples_before_the_damage(tmp_path):
-    _write_shard(tmp_path / "a.tar", [(f"{k}", {"png": _image_bytes((k, 0, 0)), "txt": b"x%d" % k}) for k in range(4)])
+    _write_shard(tmp_path / "a.tar", [(str(k), {"png": _image_bytes((k, 0, 0)), "txt": b"x%d" % k})
+                                      for k in range(4)])
     with tarfile.open(tmp_path / "a.tar") as tar:
         third = tar.getmembers()[2]  # 1.png: cut the file in the middle of its data
     data = (tmp_path / "a.tar").read_bytes()
@@ -1188,7 +1207,8 @@ def test_sampler_ranks_split_the_global_batch():
 
 
 def test_resume_replays_the_same_batches_with_any_workers():
-    pairs = A.PairDataset(A.SyntheticScenes("train", size=40, image_size=32), A.image_transform(32, train=True), seed=1)
+    scenes = A.SyntheticScenes("train", size=40, image_size=32)
+    pairs = A.PairDataset(scenes, A.image_transform(32, train=True), seed=1)
     collate = A.Collate(_hash_tokenizer, None, 12)
 
     def run(start_batch, workers):
@@ -1212,12 +1232,14 @@ def test_collate_of_only_bad_items_is_an_empty_batch():
 def test_semantic_cache_is_built_once_and_reused(tmp_path):
     captions = ["a red circle.", "a blue square.", "a red circle.", "two objects: a star and a ring."]
     enc = _CountingEncoder()
-    cache = A.SemanticCache.build(captions, "fake-model", tmp_path, batch_size=2, show_progress=False, encoder=enc)
+    cache = A.SemanticCache.build(captions, "fake-model", tmp_path, batch_size=2, show_progress=False,
+                                  encoder=enc)
     assert len(cache) == 3 and cache.dim == 6
     assert sorted(t for call in enc.calls for t in call) == sorted(set(captions))  # deduplicated
     again = A.SemanticCache.build(list(reversed(captions)), "fake-model", tmp_path, encoder=enc)
     assert len(enc.calls) == 1 and again.path == cache.path  # second build: nothing computed
-    other = A.SemanticCache.build(captions, "other-model", tmp_path, show_progress=False, encoder=_CountingEncoder())
+    other = A.SemanticCache.build(captions, "other-model", tmp_path, show_progress=False,
+                                  encoder=_CountingEncoder())
     assert other.path != cache.path
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
     query = ["two objects: a star and a ring.", "a red circle.", "a red circle."]
@@ -1230,7 +1252,8 @@ def test_semantic_cache_is_built_once_and_reused(tmp_path):
         cache.lookup(["a green heart."])
     clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker receives
     assert torch.equal(clone.lookup(query), got)
-    batch = A.Collate(_hash_tokenizer, cache, 8)([{"image": torch.zeros(3, 4, 4), "caption": q} for q in query])
+    items = [{"image": torch.zeros(3, 4, 4), "caption": q} for q in query]
+    batch = A.Collate(_hash_tokenizer, cache, 8)(items)
     assert torch.equal(batch["semantic"], got)
 
 
@@ -1800,3 +1823,18 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model
     torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     for k, p in single.named_parameters():
         torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_compare_runs_every_model_and_seed_and_summarises(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    summary = T.main(SMALL + ["--compare", "--seeds", "0,1", "--steps", "2", "--no-rescale",
+                              "--out", str(tmp_path / "cmp"), "--cache-dir", str(tmp_path / "cache")])
+    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
+    assert set(saved["runs"]) == {"clip", "shared", "alignclip"} and saved["seeds"] == [0, 1]
+    for name, runs in saved["runs"].items():
+        assert len(runs) == 2
+        values = [r["alignment"] for r in runs]
+        mean, std = saved["mean_std"][name]["alignment"]
+        assert abs(mean - sum(values) / 2) < 1e-9 and abs(std - abs(values[0] - values[1]) / 2) < 1e-9
+        assert (tmp_path / "cmp" / f"{name}-s1" / "last.pt").exists()
+    assert summary["clip"]["alignment"][0] == saved["mean_std"]["clip"]["alignment"][0]

@@ -19,13 +19,13 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -99,7 +99,11 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--compare", action="store_true",
-                   help="train clip, shared and alignclip one after another and print one table")
+                   help="train clip, shared and alignclip one after another on the same footing and "
+                        "print one table (mean and std over --seeds)")
+    g.add_argument("--seeds", default="0", help="with --compare: comma-separated seeds, e.g. 0,1,2")
+    g.add_argument("--ablations", action="store_true",
+                   help="with --compare: also AlignCLIP with --separate text, --separate both, --no-rescale")
     args = p.parse_args(argv)
     if args.steps is None and args.epochs < 1:
         p.error("--epochs must be at least 1")
@@ -519,28 +523,53 @@ def report(model, tokenizer, val_src, args, device):
     return res
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    runs = ["clip", "shared", "alignclip"] if args.compare else [args.model]
-    table = {}
-    for kind in runs:
-        run_args = parse_args(argv)
-        run_args.model = kind
-        if args.compare and args.out:
-            run_args.out = os.path.join(args.out, kind)
-        try:
+COMPARE = {"clip": ["--model", "clip"], "shared": ["--model", "shared"], "alignclip": ["--model", "alignclip"]}
+ABLATIONS = {"alignclip-text": ["--model", "alignclip", "--separate", "text"],
+             "alignclip-both": ["--model", "alignclip", "--separate", "both"],
+             "alignclip-norescale": ["--model", "alignclip", "--no-rescale"]}
+
+
+def compare(argv, args):
+    """Every variant x every seed, same options otherwise; a mean +- std table of the final metrics,
+    also written to <out>/compare.json."""
+    variants = dict(COMPARE, **(ABLATIONS if args.ablations else {}))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    root = args.out or os.path.join("runs", f"compare-{args.preset}")
+    results = {}
+    for name, extra in variants.items():
+        for seed in seeds:
+            run_args = parse_args(list(argv) + extra + ["--seed", str(seed), "--out",
+                                                        os.path.join(root, f"{name}-s{seed}")])
+            run_args.compare = False
             status, model, tokenizer, val_src, device = train(run_args)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        if status == "nan":
-            sys.exit(1)
-        if status == "done" and int(os.environ.get("RANK", 0)) == 0:
-            table[kind] = report(model, tokenizer, val_src, run_args, device)
-    if args.compare and table:
-        keys = sorted({k for r in table.values() for k in r})
-        print(f"{'':10}" + "".join(f"{k:>14}" for k in keys))
-        for kind, r in table.items():
-            print(f"{kind:10}" + "".join(f"{r.get(k, float('nan')):14.3f}" for k in keys))
+            if status != "done":
+                sys.exit(f"{name} seed {seed} ended early ({status}); rerun the same command with --resume")
+            results.setdefault(name, []).append(report(model, tokenizer, val_src, run_args, device))
+    summary = {name: {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs))
+                      for k in runs[0]} for name, runs in results.items()}
+    with open(os.path.join(root, "compare.json"), "w") as f:
+        json.dump({"seeds": seeds, "runs": results, "mean_std": summary}, f, indent=2)
+    keys = list(next(iter(summary.values())))
+    print(f"\nmean +- std over seeds {seeds}")
+    print(f"{'':20}" + "".join(f"{k:>22}" for k in keys))
+    for name, row in summary.items():
+        print(f"{name:20}" + "".join(f"{m:>14.3f} +- {sd:5.3f}" for m, sd in (row[k] for k in keys)))
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        if args.compare:
+            return compare([a for a in argv if a not in ("--compare", "--ablations")], args)
+        status, model, tokenizer, val_src, device = train(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if status == "nan":
+        sys.exit(1)
+    if status == "done" and int(os.environ.get("RANK", 0)) == 0:
+        report(model, tokenizer, val_src, args, device)
     if dist.is_initialized():
         dist.destroy_process_group()
 
