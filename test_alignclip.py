@@ -1838,3 +1838,14 @@ def test_compare_runs_every_model_and_seed_and_summarises(tmp_path, monkeypatch)
         assert abs(mean - sum(values) / 2) < 1e-9 and abs(std - abs(values[0] - values[1]) / 2) < 1e-9
         assert (tmp_path / "cmp" / f"{name}-s1" / "last.pt").exists()
     assert summary["clip"]["alignment"][0] == saved["mean_std"]["clip"]["alignment"][0]
+
+
+def test_flop_estimate_matches_the_vit_b16_figures():
+    # the figures: 35 GFLOP per image and 13 per text forward for the shared ViT-B/16
+    c = A.ModelConfig.preset("ViT-B-16")
+    total = T.forward_flops_per_pair(c)
+    n = (224 // 16) ** 2 + 1
+    image = 12 * (2 * n * 768 ** 2 * 12 + 4 * n ** 2 * 768) + 2 * 196 * 3 * 256 * 768
+    assert abs(image / 1e9 - 35.2) < 0.1 and 47.5e9 < total < 49.5e9
+    two_towers = T.forward_flops_per_pair(A.ModelConfig.preset("ViT-B-16", shared=False))
+    assert two_towers < total   # the text tower is narrower (512)
