@@ -2222,7 +2222,8 @@ def evaluate_pairs(model, tokenizer, dataset, device="cpu", batch_size=256, work
     texts = [c for caps in captions for c in caps]
     owner = [k for k, caps in enumerate(captions) for _ in caps]
     text_emb = embed_texts(model, tokenizer, texts, batch_size=batch_size, device=device)  # (m, D)
-    first = torch.tensor([owner.index(k) for k in range(len(indices))])
+    counts = torch.tensor([len(caps) for caps in captions])
+    first = counts.cumsum(0) - counts                                             # (n,) each image's first caption
     score = alignment_score(image_emb, text_emb[first]).item()
     out = {"alignment": score, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, score)))),
            "gap": modality_gap(image_emb, text_emb[first]).item()}
