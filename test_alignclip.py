@@ -1835,9 +1835,31 @@ def test_compare_runs_every_model_and_seed_and_summarises(tmp_path, monkeypatch)
         assert len(runs) == 2
         values = [r["alignment"] for r in runs]
         mean, std = saved["mean_std"][name]["alignment"]
-        assert abs(mean - sum(values) / 2) < 1e-9 and abs(std - abs(values[0] - values[1]) / 2) < 1e-9
+        # sample standard deviation (n - 1): for two values |a - b| / sqrt(2)
+        assert abs(mean - sum(values) / 2) < 1e-9 and abs(std - abs(values[0] - values[1]) / 2 ** 0.5) < 1e-9
         assert (tmp_path / "cmp" / f"{name}-s1" / "last.pt").exists()
     assert summary["clip"]["alignment"][0] == saved["mean_std"]["clip"]["alignment"][0]
+
+
+def test_compare_again_resumes_the_interrupted_run_and_reuses_finished_ones(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    common = SMALL + ["--seeds", "0", "--steps", "3", "--cache-dir", str(tmp_path / "cache")]
+    T.main(common + ["--compare", "--out", str(tmp_path / "straight")])
+    with pytest.raises(SystemExit, match="run the same command again"):  # the first run stops after a step
+        T.main(common + ["--compare", "--out", str(tmp_path / "cut"), "--stop-after", "1"])
+    assert not (tmp_path / "cut" / "shared-s0").exists()
+    T.main(common + ["--compare", "--out", str(tmp_path / "cut")])
+    straight = json.load(open(tmp_path / "straight" / "compare.json"))["runs"]
+    assert json.load(open(tmp_path / "cut" / "compare.json"))["runs"] == straight
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cut").glob("*/last.pt")}
+    assert len(stamps) == 3
+    capsys.readouterr()
+    T.main(common + ["--compare", "--out", str(tmp_path / "cut")])
+    assert capsys.readouterr().out.count("reusing its final metrics") == 3
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.load(open(tmp_path / "cut" / "compare.json"))["runs"] == straight
+    with pytest.raises(SystemExit, match="other options .beta"):  # never overwrites a different run
+        T.main(common + ["--compare", "--out", str(tmp_path / "cut"), "--beta", "0.25"])
 
 
 def test_flop_estimate_matches_the_vit_b16_figures():

@@ -551,9 +551,34 @@ ABLATIONS = {"alignclip-text": ["--model", "alignclip", "--separate", "text"],
              "alignclip-norescale": ["--model", "alignclip", "--no-rescale"]}
 
 
+# options that do not change what a run computes: a finished run may be reused across them
+NOT_RESULTS = {"resume", "stop_after", "compare", "ablations", "seeds", "out", "workers", "threads", "device",
+               "log_every", "save_every", "cache_dir", "peak_tflops"}
+
+
+def earlier_run(run_args):
+    """What an earlier run left in run_args.out: 'done' (final metrics written), 'partial' (a checkpoint
+    to resume) or None. A folder holding a run with other options is an error, never overwritten."""
+    config = os.path.join(run_args.out, "config.json")
+    if not os.path.exists(config):
+        return None
+    with open(config) as f:
+        before = json.load(f)["args"]
+    now = vars(run_args)
+    changed = sorted(k for k in now if k not in NOT_RESULTS and before.get(k) != now[k])
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{run_args.out} holds a run with other options ({k}: {before.get(k)!r} there, "
+                         f"{now[k]!r} now); pass another --out")
+    if os.path.exists(os.path.join(run_args.out, "final_metrics.json")):
+        return "done"
+    return "partial" if os.path.exists(os.path.join(run_args.out, "last.pt")) else None
+
+
 def compare(argv, args):
     """Every variant x every seed, same options otherwise; a mean +- std table of the final metrics,
-    also written to <out>/compare.json."""
+    also written to <out>/compare.json. Running the same command again reuses finished runs and
+    resumes an interrupted one."""
     variants = dict(COMPARE, **(ABLATIONS if args.ablations else {}))
     seeds = [int(x) for x in args.seeds.split(",")]
     root = args.out or os.path.join("runs", f"compare-{args.preset}")
@@ -563,11 +588,20 @@ def compare(argv, args):
             run_args = parse_args(list(argv) + extra + ["--seed", str(seed), "--out",
                                                         os.path.join(root, f"{name}-s{seed}")])
             run_args.compare = False
+            before = earlier_run(run_args)
+            if before == "done":
+                print(f"{name} seed {seed}: finished earlier in {run_args.out}, reusing its final metrics")
+                with open(os.path.join(run_args.out, "final_metrics.json")) as f:
+                    results.setdefault(name, []).append(json.load(f))
+                continue
+            if before == "partial" and not run_args.resume:
+                run_args.resume = "auto"
             status, model, tokenizer, val_src, device = train(run_args)
             if status != "done":
-                sys.exit(f"{name} seed {seed} ended early ({status}); rerun the same command with --resume")
+                sys.exit(f"{name} seed {seed} ended early ({status}); run the same command again to go on")
             results.setdefault(name, []).append(report(model, tokenizer, val_src, run_args, device))
-    summary = {name: {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs))
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # sample std (n - 1)
+    summary = {name: {k: (statistics.mean(r[k] for r in runs), sd([r[k] for r in runs]))
                       for k in runs[0]} for name, runs in results.items()}
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump({"seeds": seeds, "runs": results, "mean_std": summary}, f, indent=2)
