@@ -13,6 +13,7 @@ by side, paper style, then writes OUT/<subcommand>.json and any figure as PNG be
     python eval.py dosnes             --checkpoint A.pt --checkpoint B.pt                  # Figure 5
     python eval.py similarity         --checkpoint A.pt --images dog.jpg --texts "a dog" "a cat"  # Table 8
     python eval.py all                --checkpoint A.pt --data-root data                   # all of it
+    python eval.py zeroshot --checkpoint s0.pt --label CLIP --checkpoint s1.pt --label CLIP  # mean +- std
 
 The synthetic scenes are built in, so every subcommand runs without any download. Other data sets
 are read from --data-root in torchvision's (or the usual) layout, listed in the README; a missing
@@ -20,6 +21,8 @@ one is an error naming the expected layout and the option to set (`all` skips it
 Nothing is downloaded unless --download. Embeddings are computed once per (checkpoint, data set)
 and cached on disk (--cache-dir) and in memory, so comparing subcommands does not re-encode.
 Foreign checkpoints carry no tokenizer: pass --tokenizer bpe_simple_vocab_16e6.txt.gz (CLIP's merges).
+Checkpoints given the same --label are runs of one model (seeds): each is reported as 'LABEL #k', and a
+last table gives the mean and sample standard deviation over them.
 
 Left out on purpose: classification sets beyond the paper's (any other one runs as an ImageFolder
 with --imagefolder and --classnames), multi-GPU evaluation, and CLIP's hand-edited ImageNet class
@@ -35,6 +38,7 @@ import json
 import math
 import os
 import re
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -737,17 +741,59 @@ def save_figure(plt, fig, path):
 
 
 def checkpoint_labels(paths, given=None):
-    """Column names: --label if given, else the shortest path suffix that tells the files apart."""
+    """Column names: --label if given, else the shortest path suffix that tells the files apart.
+    A --label given to several checkpoints names runs of one model: 'LABEL #1', 'LABEL #2', ..."""
     if given:
         if len(given) != len(paths):
             raise UsageError(f"{len(given)} --label for {len(paths)} --checkpoint")
-        return list(given)
+        groups = seed_groups(given)
+        return [f"{g} #{groups[g].index(i) + 1}" if g in groups else g
+                for i, g in enumerate(given)]
     parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
     for n in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-n:]).removesuffix(".pt") for p in parts]
         if len(set(labels)) == len(labels):
             return labels
     return [f"{i}:{p}" for i, p in enumerate(paths)]
+
+
+def seed_groups(given):
+    """{label: positions of its checkpoints} for the labels given to more than one checkpoint."""
+    groups = {}
+    for i, g in enumerate(given or []):
+        groups.setdefault(g, []).append(i)
+    return {g: pos for g, pos in groups.items() if len(pos) > 1}
+
+
+def mean_std(per_dataset, groups):
+    """{data set: {model: {metric: [mean, sample std]}}} over the runs of each group, numbers only.
+    per_dataset: one task's results, {data set: {run label: metrics}}; groups: {model: run labels}."""
+    out = {}
+    for dataset, per_run in per_dataset.items():
+        if dataset.startswith("_") or not isinstance(per_run, dict):
+            continue
+        for model, runs in groups.items():
+            metrics = [per_run[r] for r in runs if r in per_run]
+            if len(metrics) < 2:
+                continue
+            keys = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            out.setdefault(dataset, {})[model] = {
+                k: [statistics.mean(m[k] for m in metrics), statistics.stdev(m[k] for m in metrics)] for k in keys}
+    return out
+
+
+def mean_std_table(stats, groups):
+    """One row per (headline metric, data set), one column per model: mean +- std over its runs."""
+    rows = []
+    for task, metrics in HEADLINES.items():
+        for dataset, per_model in stats.get(task, {}).items():
+            for key, short, fmt in metrics:
+                cells = [per_model.get(m, {}).get(key) for m in groups]
+                rows.append([f"{short}, {dataset}"] +
+                            ["-" if c is None else f"{c[0]:{fmt}} +- {c[1]:{fmt}}" for c in cells])
+    runs = {len(r) for r in groups.values()}
+    n = f"{runs.pop()} runs" if len(runs) == 1 else "its runs"
+    return format_table(f"Mean +- sample std over {n} of each --label", ["metric"] + list(groups), rows)
 
 
 # -----------------------------------------------------------------------------
@@ -1412,7 +1458,8 @@ HEADLINES = {  # task: [(metric, short name, format)] shown in the summary of `a
     "alignment": [("alignment_score", "alignment score", ".3f"), ("modality_gap", "modality gap", ".3f")],
     "zeroshot": [("top1", "zero-shot top-1 %", ".1f")],
     "linear-probe": [("top1", "linear probe top-1 %", ".1f")],
-    "retrieval": [("i2t_R@1", "I->T R@1 %", ".1f"), ("t2i_R@1", "T->I R@1 %", ".1f")],
+    "retrieval": [("i2t_R@1", "I->T R@1 %", ".1f"), ("i2t_R@5", "I->T R@5 %", ".1f"),
+                  ("t2i_R@1", "T->I R@1 %", ".1f"), ("t2i_R@5", "T->I R@5 %", ".1f")],
     "finetune-retrieval": [("i2t_R@1", "fine-tuned I->T R@1 %", ".1f"), ("t2i_R@1", "fine-tuned T->I R@1 %", ".1f")],
 }
 
@@ -1445,6 +1492,13 @@ def main(argv=None):
             results, name = run_task(args.command, encoders, names, args), f"{args.command}.json"
     except UsageError as e:
         raise SystemExit(f"eval.py {args.command}: error: {e}") from None
+    groups = {g: [labels[i] for i in pos] for g, pos in seed_groups(args.label).items()}
+    if groups:
+        per_task = results if args.command == "all" else {args.command: results}
+        stats = {task: mean_std(r, groups) for task, r in per_task.items() if task in HEADLINES}
+        if any(stats.values()):
+            print(mean_std_table(stats, groups))
+        results["mean_std"] = stats
     results = {"command": args.command, "checkpoints": dict(zip(labels, args.checkpoint)), **results}
     write_json(results, os.path.join(args.out, name))
     print(f"wrote {os.path.join(args.out, name)}")

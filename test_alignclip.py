@@ -1456,6 +1456,22 @@ def test_checkpoint_labels_shortest_unique_suffix():
     assert E.checkpoint_labels(["runs/a/last.pt", "runs/b/last.pt"]) == ["a/last", "b/last"]
     assert E.checkpoint_labels(["x/clip.pt", "y/align.pt"]) == ["clip", "align"]
     assert E.checkpoint_labels(["a.pt"], ["mine"]) == ["mine"]
+    assert E.checkpoint_labels(["a", "b", "c", "d"], ["M", "X", "M", "M"]) == ["M #1", "X", "M #2", "M #3"]
+
+
+def test_runs_sharing_a_label_get_mean_and_sample_std(ev, one_thread, capsys):
+    res = run_eval(ev, "retrieval", "--label", "M", "--label", "M", "--label", "solo",
+                   checkpoints=("align", "clip", "align"))
+    runs = res["Synthetic"]
+    assert set(runs) == {"M #1", "M #2", "solo"} and runs["solo"] == runs["M #1"]
+    a, b = runs["M #1"]["t2i_R@1"], runs["M #2"]["t2i_R@1"]
+    assert a != b   # two different models, so the spread is not trivially zero
+    mean, std = res["mean_std"]["retrieval"]["Synthetic"]["M"]["t2i_R@1"]
+    assert mean == pytest.approx((a + b) / 2) and std == pytest.approx(abs(a - b) / 2 ** 0.5)
+    assert set(res["mean_std"]["retrieval"]["Synthetic"]) == {"M"}
+    assert f"{mean:.1f} +- {std:.1f}" in capsys.readouterr().out
+    saved = json.load(open(ev["root"] / "out" / "retrieval.json"))
+    assert saved["checkpoints"]["M #2"] == ev["clip"] and saved["mean_std"] == res["mean_std"]
 
 
 def test_imagenet_v2_folders_map_by_number(tmp_path):
