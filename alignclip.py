@@ -1200,17 +1200,17 @@ def _bench_case(queue, impl, b, d, device, timed, threads, block_size):
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
-    times = [seconds(args)]
+    first = seconds(args)                                                # the memory peak is this run's
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    if timed:
-        times = []
+    times = []
     for _ in range(timed):
         for t in args:
             t.grad = None
         times.append(seconds(args))
+    times = times or [first]
     queue.put((statistics.median(times), peak))
 
 
