@@ -1438,7 +1438,9 @@ def test_dosnes_affinities_are_doubly_stochastic_and_symmetric(one_thread):
 
 def test_dosnes_points_on_unit_sphere_and_clusters_kept_apart(one_thread):
     X = _two_blobs()
-    Y = E.dosnes(X, n_iter=300, perplexity=8, seed=0)
+    # 500 steps, not 300: at 300 one point of some seeds is still between the clusters, and which
+    # seeds depends on the CPU's float64 rounding (seen: seed 0 on one machine, not another)
+    Y = E.dosnes(X, n_iter=500, perplexity=8, seed=0)
     assert Y.shape == (60, 3)
     torch.testing.assert_close(Y.norm(dim=1), torch.ones(60))
     D = torch.cdist(Y, Y)
@@ -1447,7 +1449,7 @@ def test_dosnes_points_on_unit_sphere_and_clusters_kept_apart(one_thread):
     assert (same[torch.arange(60), D.argmin(1)]).all(), "a nearest neighbour lies in the other cluster"
     D.fill_diagonal_(0)
     assert D[~same].min() > D[same].mean(), "the clusters overlap on the sphere"
-    torch.testing.assert_close(E.dosnes(X, n_iter=300, perplexity=8, seed=0), Y)   # seeded
+    torch.testing.assert_close(E.dosnes(X, n_iter=500, perplexity=8, seed=0), Y)   # seeded
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -1803,7 +1805,7 @@ def _ddp_worker(rank, world, init_file, batch, args, result_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(A.CLIP(A.ModelConfig(**batch["config"])))
+    model = torch.nn.parallel.DistributedDataParallel(A.CLIP(A.ModelConfig(**batch["config"])).double())
     n = batch["images"].shape[0] // world
     part = slice(rank * n, (rank + 1) * n)
     loss, _ = T.compute_loss(model, batch["images"][part], batch["tokens"][part], batch["semantic"][part],
@@ -1826,19 +1828,22 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(1, 98, (6, 8), generator=g)
     tokens[:, 5] = 99
-    batch = {"config": dataclasses.asdict(config), "images": torch.randn(6, 3, 32, 32, generator=g),
-             "tokens": tokens, "semantic": torch.randn(6, 10, generator=g)}
+    # float64 throughout: in float32 the two paths sum in different orders, and how far apart that
+    # puts them depends on the CPU (3e-5 on gradients of size 64 on an AVX2-only machine)
+    batch = {"config": dataclasses.asdict(config), "tokens": tokens,
+             "images": torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64),
+             "semantic": torch.randn(6, 10, generator=g, dtype=torch.float64)}
     args = argparse.Namespace(model=model, no_rescale=False, alpha=1.0, beta=0.5, separate="both",
                               loss_block_size=4)
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batch, args, str(tmp_path / "r.pt")), nprocs=2)
     ddp = torch.load(tmp_path / "r.pt", weights_only=True)
     torch.manual_seed(0)
-    single = A.CLIP(config)
+    single = A.CLIP(config).double()
     loss, _ = T.compute_loss(single, batch["images"], batch["tokens"], batch["semantic"], args, 1)
     loss.backward()
-    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
     for k, p in single.named_parameters():
-        torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=1e-9, atol=1e-11, msg=k)
 
 
 def test_compare_runs_every_model_and_seed_and_summarises(tmp_path, monkeypatch):
