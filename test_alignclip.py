@@ -254,18 +254,67 @@ def test_pretokenize(text, words):
     ("Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "привет"),
     ("‘single’ “double” „low‟", "'single' \"double\" \"low\""),
     ("ﬀ ﬁ ﬂ ﬃ ﬄ ﬆ", "ff fi fl ffi ffl st"),
-    ("ＡＢＣ！　１２３", "ABC! 123"),  # full-width forms and the ideographic space
+    ("ＡＢＣ！　１２３", "abc! 123"),  # full-width forms and the ideographic space
     ("e\u0301", "é"),  # NFC
     ("a\x00b\ufeff", "ab"),  # control characters
+    ("<b>&amp;amp;</b>", "<b>&</b>"),  # with '<' ftfy leaves entities alone; CLIP's two unescapes do not
 ])
-def test_fix_text_repairs(broken, fixed):
-    assert A.fix_text(broken) == fixed
+def test_clean_text_repairs(broken, fixed):
+    assert A.clean_text(broken) == fixed
 
 
 @pytest.mark.parametrize("text", ["naïve café", "Ærøskøbing", "crème brûlée", "São Paulo", "Straße",
                                   "«CAFÉ»", "Fuß…", "x² ½ °C", "Москва", "日本の桜", "a photo of a dog"])
-def test_fix_text_leaves_correct_text_alone(text):
-    assert A.fix_text(text) == text
+def test_clean_text_leaves_correct_text_alone(text):
+    assert A.clean_text(text) == text.lower()
+
+
+# CLIP's simple_tokenizer, restated from its source: basic_clean (ftfy.fix_text, html.unescape twice,
+# strip), whitespace_clean (`regex`'s \s+ -> " "), lower(), then its pattern with `regex` and
+# IGNORECASE, without the special-token alternatives (text that spells them is plain text here).
+_CLIP_PAT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def _clip_pipeline_ids(tok, text):
+    import html
+    import ftfy
+    import regex
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = regex.sub(r"\s+", " ", text).strip().lower()
+    return [i for word in regex.findall(regex.compile(_CLIP_PAT, regex.IGNORECASE), text)
+            for i in tok._bpe(word)]
+
+
+def _ftfy_sensitive_texts(n, seed=0):
+    """Fixed hard cases, then random mixes of mojibake (UTF-8 read as cp1252 or Latin-1, once or
+    twice), HTML entities, full-width forms, ligatures, quotes, accents, numbers and odd spaces."""
+    fixed = ["cafÃ© au lait", "donâ€™t stop", "cafÃƒÂ©", "ðŸ˜€ yes", "&amp;quot;hi&amp;quot;",
+             "<p>&lt;3</p>", "ＡＢＣ！　１２３", "ﬁsh ﬂy", "e\u0301", "a\x00b\ufeff", "x\u0345y",
+             "x² ½ Ⅻ", "a\x1cb\x85c", "Straße «CAFÉ»", "itʼs Iʼm", "ǅemal", "\u2028line\u00a0break"]
+    pieces = ["café", "naïve", "’", "“quoted”", "😀", "привет", "日本", "Ⅻ", "½", "²", "ﬀ", "ﬆ",
+              "Ａｂ", "　", "&amp;", "&lt;", "&#39;", "&nbsp;", "don't", "I'M", "_x_", "e\u0301",
+              "\t", "\x0b", "\u3000", "\u200b", "\u0345", "2024", "a dog", "RED"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        for _ in range(rng.choice([0, 0, 1, 2])):  # mojibake: encoded right, decoded wrong
+            text = text.encode("utf-8").decode(rng.choice(["cp1252", "latin-1"]), errors="ignore")
+        out.append(text)
+    return fixed + out
+
+
+def test_tokenizer_is_clips_pipeline_on_ftfy_sensitive_text():
+    tok = A.Tokenizer.train(_captions(300) + _ftfy_sensitive_texts(100, seed=1), vocab_size=800)
+    for text in _ftfy_sensitive_texts(400):
+        assert tok.encode(text) == _clip_pipeline_ids(tok, text), repr(text)
+
+
+def test_clip_ids_on_ftfy_sensitive_text(clip):
+    for text in _ftfy_sensitive_texts(300, seed=2):
+        assert clip.encode(text) == _clip_pipeline_ids(clip, text), repr(text)
+    # a worked case: the mojibake is repaired, so "café" gets the same ids either way
+    assert clip.encode("cafÃ© donâ€™t") == clip.encode("café don't")
 
 
 def test_bytes_to_unicode_is_a_bijection_onto_printable_characters():
