@@ -365,6 +365,7 @@ class ModelConfig:
     eot_id: int = 49407             # id of <end_of_text>: the text embedding is read at this token
     activation: str = "gelu"        # "gelu" (OpenCLIP, AlignCLIP) or "quick_gelu" (OpenAI's weights)
     init_logit_scale: float = math.log(1 / 0.07)  # tau at initialisation; logit scale s = exp(tau)
+    fixed_logit_scale: bool = False  # True: tau is a constant (requires_grad False), s never moves
     max_logit_scale: float = 100.0  # s is clamped to at most this
 
     @staticmethod
@@ -524,7 +525,8 @@ class CLIP(nn.Module):
                                                 c.mlp_ratio, c.activation)
             self.ln_final = nn.LayerNorm(c.text_width)
             self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale))  # tau
+        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale),  # tau
+                                        requires_grad=not c.fixed_logit_scale)
         self.reset_parameters()
 
     def reset_parameters(self):
