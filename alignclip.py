@@ -126,7 +126,7 @@ def pretokenize(text):
     """Cleaned text -> words, e.g. "a_b don't 2024" -> a _ b don 't 2 0 2 4.
 
     The one deliberate difference from CLIP: its pattern also matches the special tokens, so a
-    caption that spells "<end_of_text>" would end early; here such text is plain text.
+    caption that spells "<|endoftext|>" (OpenCLIP: "<end_of_text>") ends early; here it is plain text.
     """
     return _WORD.findall(clean_text(text))
 

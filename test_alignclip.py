@@ -1979,11 +1979,14 @@ def test_default_logit_scale_is_clip_s(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--init-logit-scale", "0"], ["--init-logit-scale", "150"],
-                                 ["--eval-every", "-1"], ["--eval-subset", "-5"]])
+                                 ["--eval-every", "-1"], ["--eval-subset", "-5"],
+                                 ["--eval-every", "5", "--data", "s/{0..3}.tar"],  # no readable --val-data
+                                 ["--eval-every", "5", "--data", "a.csv", "--val-data", "v/{0..1}.tar"]])
 def test_bad_temperature_and_eval_options_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
         T.parse_args(bad)
     assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    T.parse_args(["--eval-every", "5", "--data", "a.csv", "--val-data", "v.csv"])  # this one is fine
 
 
 def test_compare_treats_the_temperature_as_result_defining(tmp_path):

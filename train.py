@@ -122,6 +122,9 @@ def parse_args(argv=None):
         p.error("--epochs must be at least 1")
     if args.eval_every < 0 or args.eval_subset < 0:
         p.error("--eval-every and --eval-subset must be 0 or more")
+    if args.eval_every and args.data != "synthetic" and not str(args.val_data).endswith((".csv", ".tsv")):
+        p.error("--eval-every needs validation pairs that train.py reads: give --val-data a .csv/.tsv "
+                "file (shards are evaluated afterwards with eval.py)")
     if not 0 < args.init_logit_scale <= 100:
         p.error(f"--init-logit-scale must be in (0, 100] (s is capped at 100), got {args.init_logit_scale}")
     return args
