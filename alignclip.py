@@ -49,11 +49,12 @@ import statistics
 import sys
 import tarfile
 import time
-import unicodedata
 import warnings
 
+import ftfy
 import numpy as np
 from PIL import Image, ImageDraw
+import regex
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn as nn
@@ -68,9 +69,10 @@ import torchvision.transforms.functional as TF
 # Tokenizer
 #
 # CLIP reads text as byte-level BPE (Sennrich et al. 2016; Radford et al. 2019, 2021).
-# 1. Clean: fix broken Unicode, unescape HTML twice, collapse whitespace, lower-case.
+# 1. Clean: fix broken Unicode (ftfy), unescape HTML twice, collapse whitespace, lower-case.
 # 2. Pre-tokenise into words: contractions ('s 't 're 've 'm 'll 'd), runs of letters,
-#    single digits, runs of other non-space characters. BPE never merges across words.
+#    single digits, runs of other non-space characters (a `regex` pattern with Unicode
+#    classes). BPE never merges across words.
 # 3. Write each word as UTF-8 bytes, each byte as one printable "byte symbol" (so every
 #    string is representable and no byte is ever unknown: "é" is bytes c3 a9, symbols
 #    "Ã" "©"), and mark the last symbol of the word with "</w>", so that "dog" at the end
@@ -102,137 +104,31 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-# ---- text fixing: the part of ftfy.fix_text that matters for captions ----
+# ---- cleaning and pre-tokenisation, exactly as CLIP (its basic_clean and whitespace_clean) ----
 
-def _cp1252_sloppy():
-    """byte -> character as a cp1252 decoder shows it; its 5 undefined bytes read as Latin-1."""
-    return {b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0x100)}
-
-
-def _fix_table():
-    """One str.translate table: control characters, quotes, ligatures, full-width forms."""
-    table = {c: None for c in [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F,
-                               *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]}
-    table.update({c: "'" for c in [0x02BC, *range(0x2018, 0x201C)]})  # ʼ ‘ ’ ‚ ‛
-    table.update({c: '"' for c in range(0x201C, 0x2020)})  # “ ” „ ‟
-    table.update({ord(k): v for k, v in {
-        "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž",
-        "ǆ": "dž", "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff",
-        "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}.items()})
-    table[0x3000] = " "  # ideographic space
-    for c in range(0xFF01, 0xFFF0):  # full-width ASCII and half-width kana/hangul, as ftfy
-        if unicodedata.normalize("NFKC", chr(c)) != chr(c):
-            table[c] = unicodedata.normalize("NFKC", chr(c))
-    # stray C1 controls are cp1252 bytes read as Latin-1: '\x92' is ’, which then becomes '
-    for b, ch in _cp1252_sloppy().items():
-        if b < 0xA0 and ch != chr(b):
-            table[b] = ch.translate(table)
-    return table
-
-
-def _mojibake_patterns():
-    """UTF-8 read as cp1252 or Latin-1: a regex for runs of such sequences, one for evidence
-    that a text is broken this way, and character -> original byte."""
-    sloppy = _cp1252_sloppy()
-    chars = lambda lo, hi: "".join(re.escape(c) for b in range(lo, hi + 1)
-                                   for c in {sloppy[b], chr(b)})
-    cont = f"[{chars(0x80, 0xBF)}]"  # a UTF-8 continuation byte 10xxxxxx
-    seq = f"[{chars(0xC2, 0xDF)}]{cont}|[{chars(0xE0, 0xEF)}]{cont}{{2}}|[{chars(0xF0, 0xF4)}]{cont}{{3}}"
-    # evidence that correct text does not show: a C1 control, 'Â'/'Ã' (lead bytes of
-    # U+0080..U+00FF) before a continuation, 'â' + a cp1252 0x80-0x9F character (the
-    # punctuation block: "â€™" is ’), 'ðŸ' (emoji), or two bad sequences in a row
-    evidence = f"[\x80-\x9f]|[ÂÃ]{cont}|â[{chars(0x80, 0x9F)}]|ðŸ|(?:{seq})(?:{seq})"
-    byte_of = {c: b for b, c in sloppy.items()} | {chr(b): b for b in range(0x80, 0x100)}
-    return re.compile(f"(?:{seq})+"), re.compile(evidence), byte_of
-
-
-_FIX_TABLE = _fix_table()
-_MOJIBAKE_RUN, _MOJIBAKE_EVIDENCE, _MOJIBAKE_BYTE = _mojibake_patterns()
-
-
-def _redecode(match):
-    """One run of suspicious characters -> its bytes decoded as UTF-8, if they are valid."""
-    run = match.group()
-    try:
-        fixed = bytes(_MOJIBAKE_BYTE[c] for c in run).decode("utf-8")
-    except UnicodeDecodeError:
-        return run
-    if any(unicodedata.category(c) in ("Cn", "Co", "Cs") for c in fixed):
-        return run  # unassigned or private characters: not what the text was
-    return fixed
-
-
-def fix_text(text):
-    """A small stand-in for ftfy.fix_text, which CLIP runs first.
-
-    HTML entities (only if the text has no '<', ftfy's rule), mojibake ("cafÃ©" -> "café",
-    "â€™" -> "’" -> "'"; repeated for double encoding), control characters removed, curly
-    quotes straightened, Latin ligatures split, full-width forms to ASCII, then NFC.
-    Mojibake is undone only in a text that shows evidence of it (see _mojibake_patterns)
-    and only where the bytes decode to assigned characters, so correct text keeps its
-    accents: "naïve café" and "Ærøskøbing" are unchanged.
-    """
-    if text.isascii() and text.isprintable() and "&" not in text:
-        return text  # the common case: nothing here can change
-    if "&" in text and "<" not in text:
-        text = html.unescape(text)
-    for _ in range(3):  # text encoded wrongly twice needs two passes
-        if not _MOJIBAKE_EVIDENCE.search(text):
-            break  # "«CAFÉ»" has the shape of mojibake ('É»'), but no evidence: left alone
-        text, before = _MOJIBAKE_RUN.sub(_redecode, text), text
-        if text == before:
-            break
-    return unicodedata.normalize("NFC", text.translate(_FIX_TABLE))
-
-
-# ---- cleaning and pre-tokenisation, exactly as CLIP ----
-
-# Unicode White_Space, which is the \s of the `regex` module that CLIP uses (Python's \s
-# also has U+001C..U+001F; they do not collapse in CLIP, so they must not here).
-_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_WHITE_SPACE_RUN = re.compile(f"[{_WHITE_SPACE}]+")
+# CLIP's words: contractions, runs of letters, single digits, runs of other non-space characters.
+# \p{L} and \p{N} need the `regex` module (the standard `re` has no Unicode classes), as in CLIP.
+_WORD = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
 
 def clean_text(text):
-    """CLIP's whitespace_clean(basic_clean(text)).lower()."""
-    text = html.unescape(html.unescape(fix_text(text))).strip()
-    return _WHITE_SPACE_RUN.sub(" ", text).strip().lower()
+    r"""CLIP's whitespace_clean(basic_clean(text)).lower().
 
-
-def _char_class(chars):
-    """Sorted characters -> the inside of a regex [...] with runs as ranges: "¼-¾"."""
-    runs = []
-    for c in chars:
-        if runs and ord(c) == ord(runs[-1][1]) + 1:
-            runs[-1][1] = c
-        else:
-            runs.append([c, c])
-    return "".join(re.escape(a) if a == b else f"{re.escape(a)}-{re.escape(b)}" for a, b in runs)
-
-
-@functools.lru_cache(maxsize=None)
-def _pretokenizer():
-    r"""CLIP's pattern with the standard `re`, character for character the same.
-
-    CLIP: 's|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+ with IGNORECASE.
-    Python's \w is exactly \p{L}, \p{N} and '_'; \d is \p{Nd}. So \p{L} = \w minus \d, '_'
-    and the other numbers No/Nl ("²", "½", "Ⅻ"), which we list once from unicodedata; \p{N}
-    = \d plus those. IGNORECASE changes only the contractions ('S, and 'ſ since ſ folds to
-    s); scoped to them, matching is twice as fast. Subtle: with IGNORECASE the `regex`
-    module matches U+0345 (combining iota, which case-folds to the letter ι) with none of
-    the classes, so CLIP drops it. Checked against `regex` on every code point of
-    Unicode 14, alone and in context, and on 200,000 random strings.
+    ftfy.fix_text repairs what captions scraped from the web carry: mojibake ("cafÃ©" -> "café"),
+    curly quotes, ligatures, full-width forms, control characters. HTML is unescaped twice
+    ("&amp;quot;" -> '"'); whitespace is `regex`'s \s, collapsed to one space.
     """
-    # \w is isalnum() or "_", \d is isdecimal(), \p{L} is isalpha(): what \w adds is isnumeric()
-    no_nl = _char_class([c for c in map(chr, range(0x110000))
-                         if c.isnumeric() and not c.isdecimal() and not c.isalpha()])
-    return re.compile(rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\W\d_{no_nl}]+|[\d{no_nl}]"
-                      rf"|(?:[^{_WHITE_SPACE}\w\u0345]|_)+")
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 def pretokenize(text):
-    """Cleaned text -> words, e.g. "a_b don't 2024" -> a _ b don 't 2 0 2 4."""
-    return _pretokenizer().findall(clean_text(text))
+    """Cleaned text -> words, e.g. "a_b don't 2024" -> a _ b don 't 2 0 2 4.
+
+    The one deliberate difference from CLIP: its pattern also matches the special tokens, so a
+    caption that spells "<|endoftext|>" (OpenCLIP: "<end_of_text>") ends early; here it is plain text.
+    """
+    return _WORD.findall(clean_text(text))
 
 
 def _merge(symbols, a, b):
@@ -276,7 +172,6 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(self.merges)}
         self.vocab_size = len(self.vocab)
         self.sot_id, self.eot_id = self.vocab_size - 2, self.vocab_size - 1
-        self._pat = _pretokenizer()
         self._cache = {}  # word -> ids; grows with the number of distinct words seen
 
     # ---- reading and writing CLIP's merges format ----
@@ -323,7 +218,7 @@ class Tokenizer:
     def encode(self, text):
         """text -> list of token ids, without the special tokens."""
         ids = []
-        for word in self._pat.findall(clean_text(text)):
+        for word in pretokenize(text):
             ids.extend(self._bpe(word))
         return ids
 
@@ -406,9 +301,9 @@ class Tokenizer:
     @staticmethod
     def _count_words(texts):
         """Pre-tokenise every text once: distinct words as symbol lists, and their counts."""
-        pat, byte_encoder, counts = _pretokenizer(), bytes_to_unicode(), Counter()
+        byte_encoder, counts = bytes_to_unicode(), Counter()
         for text in texts:
-            counts.update(pat.findall(clean_text(text)))
+            counts.update(pretokenize(text))
         words = []
         for word in counts:
             symbols = [byte_encoder[b] for b in word.encode("utf-8")]
@@ -470,6 +365,7 @@ class ModelConfig:
     eot_id: int = 49407             # id of <end_of_text>: the text embedding is read at this token
     activation: str = "gelu"        # "gelu" (OpenCLIP, AlignCLIP) or "quick_gelu" (OpenAI's weights)
     init_logit_scale: float = math.log(1 / 0.07)  # tau at initialisation; logit scale s = exp(tau)
+    fixed_logit_scale: bool = False  # True: tau is a constant (requires_grad False), s never moves
     max_logit_scale: float = 100.0  # s is clamped to at most this
 
     @staticmethod
@@ -629,7 +525,8 @@ class CLIP(nn.Module):
                                                 c.mlp_ratio, c.activation)
             self.ln_final = nn.LayerNorm(c.text_width)
             self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale))  # tau
+        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale),  # tau
+                                        requires_grad=not c.fixed_logit_scale)
         self.reset_parameters()
 
     def reset_parameters(self):

@@ -13,6 +13,7 @@ by side, paper style, then writes OUT/<subcommand>.json and any figure as PNG be
     python eval.py dosnes             --checkpoint A.pt --checkpoint B.pt                  # Figure 5
     python eval.py similarity         --checkpoint A.pt --images dog.jpg --texts "a dog" "a cat"  # Table 8
     python eval.py all                --checkpoint A.pt --data-root data                   # all of it
+    python eval.py curves runs/cmp/clip-s0 runs/cmp/alignclip-s0 --out assets  # gap over training
     python eval.py zeroshot --checkpoint s0.pt --label CLIP --checkpoint s1.pt --label CLIP  # mean +- std
 
 The synthetic scenes are built in, so every subcommand runs without any download. Other data sets
@@ -39,6 +40,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -1210,6 +1212,72 @@ def task_similarity(encoders, args):
 
 
 # -----------------------------------------------------------------------------
+# Training curves: alignment and modality gap against the step, from the validation records that
+# train.py --eval-every writes to each run's log.jsonl (a figure the paper does not have)
+# -----------------------------------------------------------------------------
+
+CURVES = [("alignment", "alignment score (Eq. 5)"), ("gap", "modality gap")]
+
+
+def read_curve(run_dir):
+    """[(step, {metric: value})] of one run's validation records, in step order."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir}: no log.jsonl (is it a train.py run folder?)")
+    with open(path, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    points = {r["step"]: r["val"] for r in recs if r.get("val")}  # a resumed run may repeat a step
+    if not points:
+        raise UsageError(f"{path} has no validation records: train with --eval-every N")
+    return sorted(points.items())
+
+
+def curve_groups(run_dirs, given=None):
+    """{label: [curve of each run]}. Labels: --label, else the folder name without its seed suffix
+    ('clip-s1' -> 'clip'), so that the seeds of one model form one band."""
+    if given and len(given) != len(run_dirs):
+        raise UsageError(f"{len(given)} --label for {len(run_dirs)} run folders")
+    names = given or [re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(d))) for d in run_dirs]
+    groups = {}
+    for name, d in zip(names, run_dirs):
+        groups.setdefault(name, []).append(read_curve(d))
+    return groups
+
+
+def plot_curves(groups, path):
+    """One panel per metric, one line per label: the mean over its runs at the steps they share,
+    shaded between the lowest and the highest run when there are several."""
+    plt, fig, axes = new_figure(len(CURVES))
+    for ax, (key, title) in zip(axes, CURVES):
+        for label, runs in groups.items():
+            steps = sorted(set.intersection(*({s for s, _ in run} for run in runs)))
+            values = torch.tensor([[dict(run)[s][key] for s in steps] for run in runs])  # (runs, steps)
+            line, = ax.plot(steps, values.mean(0).numpy(), label=f"{label} ({len(runs)} runs)"
+                            if len(runs) > 1 else label)
+            if len(runs) > 1:
+                ax.fill_between(steps, values.min(0).values.numpy(), values.max(0).values.numpy(),
+                                color=line.get_color(), alpha=0.2)
+        ax.set(title=title, xlabel="training step", ylabel=key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(plt, fig, path)
+
+
+def task_curves(args):
+    """eval.py curves RUN_DIR ...: the figure, and the last point of each label printed."""
+    groups = curve_groups(args.runs, args.label)
+    os.makedirs(args.out, exist_ok=True)
+    path = plot_curves(groups, os.path.join(args.out, args.name))
+    rows = []
+    for label, runs in groups.items():
+        last = [run[-1] for run in runs]
+        rows.append([label, "/".join(str(s) for s in dict.fromkeys(s for s, _ in last))]
+                    + [f"{statistics.mean(v[k] for _, v in last):.3f}" for k, _ in CURVES])
+    print(format_table("Last validation point (mean over runs)", ["model", "step"] + [k for k, _ in CURVES], rows))
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -1377,6 +1445,14 @@ def build_parser():
         if name == "all":
             sp.add_argument("--skip", default="", type=lambda s: [x for x in s.split(",") if x],
                             help=f"tasks to leave out, comma-separated, from: {', '.join(TASKS)}")
+    help = "alignment and modality gap against the step, from runs trained with --eval-every"
+    sp = sub.add_parser("curves", help=help, description=help)
+    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders (holding log.jsonl)")
+    sp.add_argument("--label", action="append", default=None,
+                    help="legend name of each RUN_DIR, in order; runs given the same label are drawn as "
+                         "one mean line with a min-max band (default: folder name without '-s<seed>')")
+    sp.add_argument("--out", default="assets", help="folder for the PNG")
+    sp.add_argument("--name", default="gap_over_training.png", help="file name of the PNG")
     return p
 
 
@@ -1480,6 +1556,12 @@ def summary_table(results, labels):
 def main(argv=None):
     """Run one subcommand; returns its results (also written to OUT/<command>.json or results.json)."""
     args = build_parser().parse_args(argv)
+    if args.command == "curves":  # reads run folders, no checkpoint
+        try:
+            return task_curves(args)
+        except UsageError as e:
+            print(f"eval.py curves: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     args.cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(args.out, "cache"))
     os.makedirs(args.out, exist_ok=True)
     try:

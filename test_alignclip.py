@@ -254,18 +254,67 @@ def test_pretokenize(text, words):
     ("Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "привет"),
     ("‘single’ “double” „low‟", "'single' \"double\" \"low\""),
     ("ﬀ ﬁ ﬂ ﬃ ﬄ ﬆ", "ff fi fl ffi ffl st"),
-    ("ＡＢＣ！　１２３", "ABC! 123"),  # full-width forms and the ideographic space
+    ("ＡＢＣ！　１２３", "abc! 123"),  # full-width forms and the ideographic space
     ("e\u0301", "é"),  # NFC
     ("a\x00b\ufeff", "ab"),  # control characters
+    ("<b>&amp;amp;</b>", "<b>&</b>"),  # with '<' ftfy leaves entities alone; CLIP's two unescapes do not
 ])
-def test_fix_text_repairs(broken, fixed):
-    assert A.fix_text(broken) == fixed
+def test_clean_text_repairs(broken, fixed):
+    assert A.clean_text(broken) == fixed
 
 
 @pytest.mark.parametrize("text", ["naïve café", "Ærøskøbing", "crème brûlée", "São Paulo", "Straße",
                                   "«CAFÉ»", "Fuß…", "x² ½ °C", "Москва", "日本の桜", "a photo of a dog"])
-def test_fix_text_leaves_correct_text_alone(text):
-    assert A.fix_text(text) == text
+def test_clean_text_leaves_correct_text_alone(text):
+    assert A.clean_text(text) == text.lower()
+
+
+# CLIP's simple_tokenizer, restated from its source: basic_clean (ftfy.fix_text, html.unescape twice,
+# strip), whitespace_clean (`regex`'s \s+ -> " "), lower(), then its pattern with `regex` and
+# IGNORECASE, without the special-token alternatives (text that spells them is plain text here).
+_CLIP_PAT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def _clip_pipeline_ids(tok, text):
+    import html
+    import ftfy
+    import regex
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = regex.sub(r"\s+", " ", text).strip().lower()
+    return [i for word in regex.findall(regex.compile(_CLIP_PAT, regex.IGNORECASE), text)
+            for i in tok._bpe(word)]
+
+
+def _ftfy_sensitive_texts(n, seed=0):
+    """Fixed hard cases, then random mixes of mojibake (UTF-8 read as cp1252 or Latin-1, once or
+    twice), HTML entities, full-width forms, ligatures, quotes, accents, numbers and odd spaces."""
+    fixed = ["cafÃ© au lait", "donâ€™t stop", "cafÃƒÂ©", "ðŸ˜€ yes", "&amp;quot;hi&amp;quot;",
+             "<p>&lt;3</p>", "ＡＢＣ！　１２３", "ﬁsh ﬂy", "e\u0301", "a\x00b\ufeff", "x\u0345y",
+             "x² ½ Ⅻ", "a\x1cb\x85c", "Straße «CAFÉ»", "itʼs Iʼm", "ǅemal", "\u2028line\u00a0break"]
+    pieces = ["café", "naïve", "’", "“quoted”", "😀", "привет", "日本", "Ⅻ", "½", "²", "ﬀ", "ﬆ",
+              "Ａｂ", "　", "&amp;", "&lt;", "&#39;", "&nbsp;", "don't", "I'M", "_x_", "e\u0301",
+              "\t", "\x0b", "\u3000", "\u200b", "\u0345", "2024", "a dog", "RED"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        for _ in range(rng.choice([0, 0, 1, 2])):  # mojibake: encoded right, decoded wrong
+            text = text.encode("utf-8").decode(rng.choice(["cp1252", "latin-1"]), errors="ignore")
+        out.append(text)
+    return fixed + out
+
+
+def test_tokenizer_is_clips_pipeline_on_ftfy_sensitive_text():
+    tok = A.Tokenizer.train(_captions(300) + _ftfy_sensitive_texts(100, seed=1), vocab_size=800)
+    for text in _ftfy_sensitive_texts(400):
+        assert tok.encode(text) == _clip_pipeline_ids(tok, text), repr(text)
+
+
+def test_clip_ids_on_ftfy_sensitive_text(clip):
+    for text in _ftfy_sensitive_texts(300, seed=2):
+        assert clip.encode(text) == _clip_pipeline_ids(clip, text), repr(text)
+    # a worked case: the mojibake is repaired, so "café" gets the same ids either way
+    assert clip.encode("cafÃ© donâ€™t") == clip.encode("café don't")
 
 
 def test_bytes_to_unicode_is_a_bijection_onto_printable_characters():
@@ -1892,3 +1941,208 @@ def test_flop_estimate_matches_the_vit_b16_figures():
     assert abs(image / 1e9 - 35.2) < 0.1 and 47.5e9 < total < 49.5e9
     two_towers = T.forward_flops_per_pair(A.ModelConfig.preset("ViT-B-16", shared=False))
     assert two_towers < total   # the text tower is narrower (512)
+
+
+# ----------------------------------------------------------------------------- temperature options
+def _tau(ckpt_path):
+    return torch.load(ckpt_path, weights_only=True)["model"]["logit_scale"]
+
+
+def test_init_and_fixed_logit_scale_reach_the_model_and_survive_resume(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    # lr 1e-2 from the first step: a learnable tau would move by about 1e-2 per step
+    fast = ["--model", "shared", "--lr", "1e-2", "--warmup", "1"]
+    fixed = fast + ["--steps", "4", "--init-logit-scale", "50", "--fixed-logit-scale"]
+    out = run(tmp_path, *fixed, "--stop-after", "2", out="fixed")
+    tau = torch.tensor(math.log(50.0))                                # float32, as the parameter
+    saved = json.load(open(out / "config.json"))["model"]
+    assert saved["init_logit_scale"] == math.log(50.0) and saved["fixed_logit_scale"] is True
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["fixed_logit_scale"] is True
+    assert torch.equal(_tau(out / "last.pt"), tau)
+    run(tmp_path, *fixed, "--resume", out="fixed")
+    assert torch.load(out / "last.pt", weights_only=True)["position"]["step"] == 4
+    assert torch.equal(_tau(out / "last.pt"), tau)                    # exactly: no step touched it
+    assert [r["logit_scale"] for r in records(out)] == [pytest.approx(50.0, rel=1e-6)] * 4
+    loaded = A.load_model(str(out / "last.pt"))
+    assert loaded.config.fixed_logit_scale and not loaded.logit_scale.requires_grad
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if n != "logit_scale")
+    learned = run(tmp_path, *fast, "--steps", "2", "--init-logit-scale", "50", out="learned")
+    assert torch.load(learned / "last.pt", weights_only=True)["config"]["fixed_logit_scale"] is False
+    assert abs(records(learned)[0]["logit_scale"] - 50.0) < 2.0        # started at 50
+    assert abs(float(_tau(learned / "last.pt")) - math.log(50.0)) > 1e-3  # and moved
+
+
+def test_default_logit_scale_is_clip_s(tmp_path):
+    args = T.parse_args([])
+    assert math.log(args.init_logit_scale) == A.ModelConfig().init_logit_scale  # 1/0.07, bit for bit
+    assert not args.fixed_logit_scale and not A.ModelConfig().fixed_logit_scale
+
+
+@pytest.mark.parametrize("bad", [["--init-logit-scale", "0"], ["--init-logit-scale", "150"],
+                                 ["--eval-every", "-1"], ["--eval-subset", "-5"],
+                                 ["--eval-every", "5", "--data", "s/{0..3}.tar"],  # no readable --val-data
+                                 ["--eval-every", "5", "--data", "a.csv", "--val-data", "v/{0..1}.tar"]])
+def test_bad_temperature_and_eval_options_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(bad)
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    T.parse_args(["--eval-every", "5", "--data", "a.csv", "--val-data", "v.csv"])  # this one is fine
+
+
+def test_compare_treats_the_temperature_as_result_defining(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    earlier = vars(T.parse_args(["--out", out]))
+    for key in ("init_logit_scale", "fixed_logit_scale", "eval_subset"):
+        del earlier[key]  # a run made before these options existed: they were at their defaults
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"args": earlier}, f)
+    (tmp_path / "run" / "final_metrics.json").write_text("{}")
+    assert T.earlier_run(T.parse_args(["--out", out])) == "done"
+    for changed in (["--init-logit-scale", "100"], ["--fixed-logit-scale"]):
+        with pytest.raises(ValueError, match="other options"):
+            T.earlier_run(T.parse_args(["--out", out] + changed))
+
+
+# ----------------------------------------------------------------------------- validation during training
+def test_eval_every_logs_alignment_and_gap_on_a_subset_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    sizes, real = [], T.validate
+    monkeypatch.setattr(T, "validate", lambda model, tok, val, *a: sizes.append(len(val)) or real(model, tok, val, *a))
+    plain = run(tmp_path, "--model", "shared", "--steps", "5", out="plain")
+    sizes.clear()
+    out = run(tmp_path, "--model", "shared", "--steps", "5", "--eval-every", "2", "--eval-subset", "7", out="evals")
+    vals = [json.loads(l) for l in open(out / "log.jsonl") if '"val"' in l]
+    assert [v["step"] for v in vals] == [0, 2, 4]
+    assert all({"alignment", "gap", "i2t_R@1", "zeroshot_shape_top1"} <= set(v["val"]) for v in vals)
+    assert sizes == [7, 7, 7, 12]                                     # three subsets, then the whole set
+    a, b = torch.load(plain / "last.pt", weights_only=True), torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # training unchanged
+    assert [r["loss"] for r in records(plain)] == [r["loss"] for r in records(out)]
+
+
+def test_first_pairs_keeps_the_labels_of_the_validation_set():
+    val = A.SyntheticScenes("val", size=10, image_size=32)
+    sub = T.FirstPairs(val, 4)
+    assert len(sub) == 4 and sub.labels(3) == val.labels(3) and sub.label_names == val.label_names
+    assert len(T.FirstPairs(val, 0)) == 10 and len(T.FirstPairs(val, 99)) == 10
+    with pytest.raises(IndexError):
+        sub[4]
+    assert len(pickle.loads(pickle.dumps(sub))) == 4
+
+
+def test_validation_during_training_leaves_the_random_state_alone():
+    tok = A.Tokenizer([])
+    model = A.CLIP(tiny_config(vocab_size=tok.vocab_size, eot_id=tok.eot_id))
+    val, args, cpu = A.SyntheticScenes("val", size=6, image_size=32), T.parse_args(["--eval-subset", "4"]), torch.device("cpu")
+    before = torch.get_rng_state()
+    T.validate(model, tok, T.FirstPairs(val, 4), args, cpu)
+    assert not torch.equal(before, torch.get_rng_state())             # validation draws from the RNG ...
+    before = torch.get_rng_state()
+    res = T.validate_during_training(model, tok, val, args, cpu, world=1)
+    assert torch.equal(before, torch.get_rng_state())                 # ... so training's is forked
+    assert res == T.validate(model, tok, T.FirstPairs(val, 4), args, cpu)
+
+
+_TORCHRUN_SCRIPT = '''
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import alignclip as A
+import train as T
+original = A.ModelConfig.preset
+def preset(name, **kw):  # the tests' shrunken tiny preset
+    if name == "tiny":
+        kw = dict(dict(width=32, layers=1, heads=1, embed_dim=16, text_width=32, text_layers=1,
+                       text_heads=1, image_size=32, patch_size=8), **kw)
+    return original(name, **kw)
+A.ModelConfig.preset = staticmethod(preset)
+real = T.validate_during_training
+def spy(raw, tokenizer, val_src, args, device, world):
+    res = real(raw, tokenizer, val_src, args, device, world)
+    with open(os.path.join(args.out, "val-rank" + os.environ["RANK"] + ".jsonl"), "a") as f:
+        f.write(json.dumps(res) + "\\n")
+    return res
+T.validate_during_training = spy
+T.main(sys.argv[1:])
+'''
+
+
+def test_eval_every_under_torchrun_with_two_gloo_processes(tmp_path):
+    import subprocess
+    script = tmp_path / "small_train.py"
+    script.write_text(_TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *SMALL, "--threads", "1", "--batch-size", "4", "--model", "shared", "--steps", "4", "--eval-every", "2",
+           "--eval-subset", "8", "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_rank = [[json.loads(l) for l in open(out / f"val-rank{r}.jsonl")] for r in (0, 1)]
+    assert len(per_rank[0]) == 3 and per_rank[0] == per_rank[1]       # every rank took part: same numbers
+    logged = [json.loads(l) for l in open(out / "log.jsonl") if '"val"' in l]
+    assert [v["step"] for v in logged] == [0, 2, 4] and [v["val"] for v in logged] == per_rank[0]  # rank 0 wrote
+
+
+# ----------------------------------------------------------------------------- time estimate
+def test_time_estimate_from_the_first_steps():
+    est = T.TimeEstimate(t0=0.0, start_step=0, total=100, eval_every=10)
+    est.eval_took(3.0)                                                # step 0's validation, before the steps
+    assert est.after_step(1, 13.0) is None                            # the first step: start-up, not timed
+    assert [est.after_step(s, 13.0 + s - 1) for s in range(2, 6)] == [None] * 4
+    line = est.after_step(6, 18.0)                                    # 5 steps of 1 s after the first
+    # 18 s so far + 94 steps x 1 s + 10 validations x 3 s = 142 s
+    assert line.startswith("estimated time: 2.4 min for steps 1-100") and "1.00 s per step" in line
+    assert est.after_step(7, 19.0) is None                            # printed once
+    slow = T.TimeEstimate(t0=0.0, start_step=40, total=50)            # resumed at step 40, 30 s steps
+    assert slow.after_step(41, 31.0) is None
+    est_line = slow.after_step(42, 61.0)                              # 20 s reached before 5 steps
+    assert est_line.startswith("estimated time: 5.0 min for steps 41-50")  # 61 + 8 x 30 = 301 s
+
+
+def test_time_estimate_leaves_validation_out_of_the_step_time():
+    est = T.TimeEstimate(t0=0.0, start_step=0, total=20, eval_every=3)
+    for step, now in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]:
+        assert est.after_step(step, now) is None
+        if step == 3:
+            est.eval_took(10.0)                                       # a 10 s validation after step 3
+    assert "1.00 s per step" in est.after_step(6, 16.0)               # (16 - 1 - 10) s over 5 steps
+
+
+def test_training_prints_the_time_estimate(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    run(tmp_path, "--model", "shared", "--steps", "8", out="eta")
+    line = next(l for l in capsys.readouterr().out.splitlines() if "estimated time:" in l)
+    assert float(line.split("estimated time: ")[1].split(" min")[0]) >= 0 and "steps 1-8" in line
+
+
+# ----------------------------------------------------------------------------- eval.py curves
+def _fake_run(folder, alignment, gap, steps=(0, 50, 100), with_val=True):
+    folder.mkdir(parents=True)
+    lines = [{"step": 1, "loss": 4.0, "logit_scale": 14.3}]
+    lines += [{"step": s, "val": {"alignment": a, "gap": g, "i2t_R@1": 10.0}}
+              for s, a, g in zip(steps, alignment, gap) if with_val]
+    (folder / "log.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return str(folder)
+
+
+def test_eval_curves_draws_alignment_and_gap_for_several_runs(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / "cmp" / "clip-s0", [0.5, 0.6, 0.65], [0.6, 0.7, 0.8]),
+            _fake_run(tmp_path / "cmp" / "clip-s1", [0.5, 0.62, 0.67], [0.6, 0.72, 0.82]),
+            _fake_run(tmp_path / "cmp" / "alignclip-s0", [0.5, 0.8, 0.9], [0.6, 0.3, 0.2])]
+    path = E.main(["curves", *runs, "--out", str(tmp_path / "assets")])
+    assert path == str(tmp_path / "assets" / "gap_over_training.png") and _is_png(path)
+    printed = capsys.readouterr().out
+    clip_row = next(l for l in printed.splitlines() if l.startswith("clip "))
+    assert clip_row.split()[1:] == ["100", "0.660", "0.810"]           # the two seeds of clip, averaged
+    groups = E.curve_groups(runs, ["a", "b", "c"])
+    assert list(groups) == ["a", "b", "c"] and groups["c"][0][-1] == (100, {"alignment": 0.9, "gap": 0.2,
+                                                                           "i2t_R@1": 10.0})
+
+
+def test_eval_curves_says_what_is_missing(tmp_path, capsys):
+    bare = _fake_run(tmp_path / "bare", [], [], with_val=False)
+    for argv, why in ([bare], "--eval-every"), ([str(tmp_path / "nowhere")], "no log.jsonl"), \
+            ([bare, bare, "--label", "x"], "1 --label for 2"):
+        with pytest.raises(SystemExit) as e:
+            E.main(["curves", *argv, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and why in capsys.readouterr().err

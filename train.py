@@ -48,6 +48,12 @@ def parse_args(argv=None):
                    help="ablation: separation without the semantic rescaling (D = 1 off the diagonal)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the cross-modal term (Eq. 13)")
     g.add_argument("--beta", type=float, default=0.5, help="weight of the separation term (Eq. 13)")
+    g.add_argument("--init-logit-scale", type=float, default=1 / 0.07, metavar="S",
+                   help="the logit scale s = 1/temperature at the start (CLIP: 1/0.07 = 14.3; trained CLIP "
+                        "models end at the cap, 100, where the clamp passes no gradient: a learnable s "
+                        "started at 100 stays there)")
+    g.add_argument("--fixed-logit-scale", action="store_true",
+                   help="keep s at --init-logit-scale for the whole run instead of learning it")
     g.add_argument("--loss-block-size", type=int, default=1024, help="row strip of the fused loss kernel")
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu", help="MLP activation")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -95,7 +101,11 @@ def parse_args(argv=None):
     g.add_argument("--stop-after", type=int, default=None,
                    help="end this run after N steps as if interrupted, saving a checkpoint")
     g.add_argument("--save-every", type=int, default=500, help="also checkpoint every N steps")
-    g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="also validate every N steps (and at step 0) on --eval-subset pairs, written to "
+                        "log.jsonl for `python eval.py curves` (0: at the end only)")
+    g.add_argument("--eval-subset", type=int, default=500,
+                   help="with --eval-every: the first K validation pairs (0: all of them)")
     g.add_argument("--log-every", type=int, default=20, help="log a line every N steps")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -110,6 +120,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps is None and args.epochs < 1:
         p.error("--epochs must be at least 1")
+    if args.eval_every < 0 or args.eval_subset < 0:
+        p.error("--eval-every and --eval-subset must be 0 or more")
+    if args.eval_every and args.data != "synthetic" and not str(args.val_data).endswith((".csv", ".tsv")):
+        p.error("--eval-every needs validation pairs that train.py reads: give --val-data a .csv/.tsv "
+                "file (shards are evaluated afterwards with eval.py)")
+    if not 0 < args.init_logit_scale <= 100:
+        p.error(f"--init-logit-scale must be in (0, 100] (s is capped at 100), got {args.init_logit_scale}")
     return args
 
 
@@ -183,6 +200,8 @@ def make_optimizer(model, args, device):
     """AdamW (betas 0.9/0.98, eps 1e-6) with no weight decay on gains, biases, embeddings and tau."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # e.g. tau under --fixed-logit-scale: AdamW must not touch it
+            continue
         exempt = (p.ndim < 2 or "embedding" in name or name == "logit_scale")
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
@@ -309,6 +328,38 @@ def validate(model, tokenizer, val, args, device):
     return results
 
 
+class FirstPairs:
+    """The first k pairs of a validation set, its other attributes (label names, templates) kept."""
+
+    def __init__(self, dataset, k):
+        self.dataset, self.k = dataset, min(k, len(dataset)) if k else len(dataset)
+
+    def __len__(self):
+        return self.k
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.k:
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def __getattr__(self, name):  # image(i), captions(i), labels(i), label_names, ...
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def validate_during_training(raw, tokenizer, val_src, args, device, world):
+    """--eval-every: validate on the first --eval-subset pairs. Every rank computes the same numbers,
+    in the time rank 0 alone would take, then all meet at a barrier: no rank waits inside a training
+    collective meanwhile. The RNG is forked, so training goes on exactly as without it."""
+    subset = val_src if val_src is None or isinstance(val_src, str) else FirstPairs(val_src, args.eval_subset)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        res = validate(raw, tokenizer, subset, args, device)
+    if world > 1:
+        dist.barrier()
+    return res
+
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -371,7 +422,9 @@ def setup_run(args):
         config = A.ModelConfig.from_dict(ckpt["config"])
     else:
         config = A.ModelConfig.preset(args.preset, shared=args.model != "clip", activation=args.activation,
-                                      vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id)
+                                      vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                                      init_logit_scale=math.log(args.init_logit_scale),
+                                      fixed_logit_scale=args.fixed_logit_scale)
     model = A.CLIP(config).to(device)
     return rank, world, device, ckpt, train_src, val_src, tokenizer, cache, model
 
@@ -426,6 +479,9 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
     checkpoint = lambda: main and save(ckpt_path, raw, optimizer, scaler, tokenizer, args, dict(pos))
     recent, skipped, t0, done_at_start = [], 0, time.time(), pos["step"]
     bar = tqdm(total=total, initial=pos["step"], disable=not main, dynamic_ncols=True, leave=False)
+    estimate = TimeEstimate(t0, pos["step"], total, args.eval_every)
+    if args.eval_every and pos["step"] == 0:  # where every curve starts
+        estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, 0, bar, log))
     while pos["step"] < total:
         loader = make_loader(train_src, args, tokenizer, cache, raw.config, pos["epoch"], pos["batch"], rank, world)
         for batch in loader:
@@ -438,6 +494,9 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
             pos["batch"] += 1
             recent.append((pos["step"], loss))
             bar.update(1)
+            line = estimate.after_step(pos["step"], time.time())
+            if line and main:
+                bar.write(line)
             end_of_interval = pos["step"] % args.log_every == 0 or pos["step"] == total
             must_save = pos["step"] % args.save_every == 0 or stop.flag or pos["step"] == args.stop_after
             if end_of_interval or must_save:
@@ -454,10 +513,9 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 recent = []
-            if args.eval_every and pos["step"] % args.eval_every == 0 and main:
-                res = validate(raw, tokenizer, val_src, args, device)
-                bar.write("val " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
-                log.write(json.dumps({"step": pos["step"], "val": res}) + "\n")
+            if args.eval_every and pos["step"] % args.eval_every == 0:
+                estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, pos["step"],
+                                                  bar, log))
             if must_save:
                 checkpoint()
             if stop.flag or pos["step"] == args.stop_after:
@@ -482,6 +540,49 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
                      f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
         print(line)
     return "done"
+
+
+def log_validation(raw, tokenizer, val_src, args, device, world, step, bar, log):
+    """validate_during_training, printed and written to log.jsonl by rank 0; returns its seconds."""
+    t = time.time()
+    res = validate_during_training(raw, tokenizer, val_src, args, device, world)
+    if log:
+        bar.write(f"val step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        log.write(json.dumps({"step": step, "val": res}) + "\n")
+        log.flush()
+    return time.time() - t
+
+
+class TimeEstimate:
+    """Once, early: how long this run will take. The time per step is measured from the end of the
+    first step (which carries start-up costs: loader workers, compilation, caches) over 5 steps or
+    20 s, whichever comes first, validation excluded; validation is added as often as --eval-every
+    asks, at the duration of its last call. Checkpoints are not counted."""
+
+    def __init__(self, t0, start_step, total, eval_every=0):
+        self.t0, self.start, self.total, self.eval_every = t0, start_step, total, eval_every
+        self.t_first, self.eval_last, self.eval_timed, self.done = None, 0.0, 0.0, False
+
+    def eval_took(self, seconds):
+        self.eval_last = seconds
+        if self.t_first is not None:
+            self.eval_timed += seconds  # fell inside the timed steps: taken out of them
+
+    def after_step(self, step, now):
+        """The line to print after this step, or None."""
+        if self.done:
+            return None
+        if self.t_first is None:
+            self.t_first = now
+            return None
+        n, timed = step - self.start - 1, now - self.t_first - self.eval_timed
+        if n < 5 and timed < 20:
+            return None
+        self.done, per_step = True, timed / n
+        evals = self.total // self.eval_every - step // self.eval_every if self.eval_every else 0
+        seconds = now - self.t0 + (self.total - step) * per_step + evals * self.eval_last
+        return (f"estimated time: {seconds / 60:.1f} min for steps {self.start + 1}-{self.total} "
+                f"({per_step:.2f} s per step over steps {step - n + 1}-{step}, {evals} validations left)")
 
 
 def train_step(model, optimizer, scaler, dtype, batch, args, device, world, lr):
@@ -564,8 +665,9 @@ def earlier_run(run_args):
         return None
     with open(config) as f:
         before = json.load(f)["args"]
-    now = vars(run_args)
-    changed = sorted(k for k in now if k not in NOT_RESULTS and before.get(k) != now[k])
+    now, default = vars(run_args), vars(parse_args([]))
+    # an option newer than the earlier run is absent from its config.json: it ran with the default
+    changed = sorted(k for k in now if k not in NOT_RESULTS and before.get(k, default.get(k)) != now[k])
     if changed:
         k = changed[0]
         raise ValueError(f"{run_args.out} holds a run with other options ({k}: {before.get(k)!r} there, "
