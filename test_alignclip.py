@@ -701,8 +701,8 @@ def test_no_grad_path_gives_the_same_value():
 def test_return_parts(fn):
     Ev, Et, Es, s = loss_inputs(10)
     total, parts = fn(Ev, Et, Es, s, alpha=0.8, beta=0.3, separate="both", return_parts=True)
-    assert torch.allclose(total, 0.8 * parts["clip"] + 0.3 * parts["imsep"], rtol=1e-13, atol=0)
-    assert torch.allclose(parts["clip"], 2 * A.clip_loss(Ev, Et, s), rtol=1e-12, atol=0)
+    assert torch.allclose(total, 0.8 * parts["cross_modal_sum"] + 0.3 * parts["imsep"], rtol=1e-13, atol=0)
+    assert torch.allclose(parts["cross_modal_sum"], 2 * A.clip_loss(Ev, Et, s), rtol=1e-12, atol=0)
     image = fn(Ev, Et, Es, s, separate="image", return_parts=True)[1]["imsep"]
     text = fn(Ev, Et, Es, s, separate="text", return_parts=True)[1]["imsep"]
     assert torch.allclose(parts["imsep"], image + text, rtol=1e-12, atol=0)
@@ -1706,7 +1706,7 @@ def test_a_few_steps_of_each_model(tmp_path, monkeypatch, model):
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     if model == "alignclip":
-        assert "loss_imsep" in recs[0] and "loss_clip" in recs[0]
+        assert "loss_imsep" in recs[0] and "loss_cross_modal_sum" in recs[0]
     loaded, tok = A.load_model(str(out / "last.pt"), with_tokenizer=True)   # readable by load_model
     assert loaded.config.shared == (model != "clip")
     assert tok.vocab_size == loaded.config.vocab_size
