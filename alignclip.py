@@ -866,6 +866,8 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
 # Y = (0, ..., b-1) the labels, H(logits, Y) the mean cross-entropy over rows.
 # Precision: every loss computes in float32 (float64 for float64 inputs) with autocast off inside,
 # whatever the caller's torch.autocast says, and gives gradients in each input's dtype and shape.
+# Call backward outside autocast, as PyTorch advises (the fused kernel's backward is exact either
+# way; that of clip_loss and the reference would run its products in autocast's dtype).
 # -----------------------------------------------------------------------------
 
 SEPARATE = ("image", "text", "both")
@@ -962,13 +964,14 @@ def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0
 # --- the fused kernel ---------------------------------------------------------
 # Every term of Eq. 13 is one contrastive cross-entropy over Z = s R, with
 #     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ŝ Ŝ^T (IMSep), 1 - I (no rescaling) or 1 (CLIP terms)
-# (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o = diag(M)). With the row softmax
-# P = softmax(Z) and G = P - I (I: the one-hot labels), loss = (1/b) sum_i [lse_j(Z_ij) - Z_ii],
-#     b dloss/dZ = G,  dQ = (s/b) (G ⊙ U) K,  dK = (s/b) (G ⊙ U)^T Q,  d_o = (s/b) diag(G),
-#     ds = (1/b) sum(G ⊙ R);  both directions add H(Z^T, Y) and the column softmax to G.
-# A strip of whole rows of Z holds everything its rows' softmax needs, so row maxima and log-sum-exps
-# are exact in one pass: no online (running-maximum) softmax, which flash attention needs because it
-# splits rows. Only the column softmax of both directions needs all rows: one sweep more.
+# (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o_i = M_ii). With the row softmax
+# P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss (1/b) sum_i
+# [logsumexp_j Z_ij - Z_ii] has b dloss/dZ = G, hence
+#     dQ = (s/b) (G ⊙ U) K,  dK = (s/b) (G ⊙ U)^T Q,  d_o = (s/b) diag(G),  ds = (1/b) sum(G ⊙ R);
+# both directions add H(Z^T, Y), and G gains the column softmax minus I.
+# A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their maxima
+# and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash attention
+# needs because it splits rows. Only the column softmax of both directions needs all rows: one sweep more.
 
 
 @dataclass
@@ -1022,9 +1025,9 @@ def contrastive_ce_strips(Q, K, scale, diag=None, sem=None, zero_diag=False, bot
     with _autocast_off(Q):
         op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
         b, total = Q.shape[0], 0
-        for o in [op, op.transposed()] if both_directions else [op]:    # rows of Z, then of Z^T
+        for operands in [op, op.transposed()] if both_directions else [op]:  # Z's rows, Z^T's rows
             for r0 in range(0, b, block_size):
-                total = total + checkpoint(_strip_ce, o, r0, min(r0 + block_size, b),
+                total = total + checkpoint(_strip_ce, operands, r0, min(r0 + block_size, b),
                                            use_reentrant=False)
         return total / b
 

@@ -907,6 +907,26 @@ def test_fused_loss_reads_nothing_back_to_python():
     assert not mode.seen & syncing, mode.seen & syncing
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_bench_case_runs_under_bf16_autocast(impl):
+    """One benchmark case in this process (the bench runs it in a fresh one): seconds and bytes."""
+    class Queue(list):
+        put = list.append
+
+    args = A.argparse.Namespace(threads=torch.get_num_threads(), block_size=8, dim=8,
+                                precision="bf16")
+    queue = Queue()
+    A._bench_case(queue, impl, 20, "cpu", 1, args)
+    (seconds, peak), = queue
+    assert seconds > 0 and peak >= 0
+
+
+def test_bench_fp16_on_cpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        A.bench(["--device", "cpu", "--precision", "fp16"])
+    assert e.value.code == 2 and "--precision bf16" in capsys.readouterr().err
+
+
 # ---- on a GPU (skipped without CUDA) ----
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
