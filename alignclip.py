@@ -843,7 +843,7 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
 #
 # Self-contained: this section needs only torch and the standard library, so it can be copied
 # alone into another codebase, with these imports (the benchmark at its end also uses argparse,
-# functools, statistics, sys and time; leave it out if you do not need it):
+# functools, statistics and time; leave it out if you do not need it):
 #     from dataclasses import dataclass
 #     import torch
 #     import torch.nn.functional as F
@@ -963,15 +963,16 @@ def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0
 
 # --- the fused kernel ---------------------------------------------------------
 # Every term of Eq. 13 is one contrastive cross-entropy over Z = s R, with
-#     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ŝ Ŝ^T (IMSep), 1 - I (no rescaling) or 1 (CLIP terms)
+#     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ê_s Ê_s^T (IMSep), 1 - I (no rescaling), 1 (CLIP)
 # (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o_i = M_ii). With the row softmax
 # P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss (1/b) sum_i
 # [logsumexp_j Z_ij - Z_ii] has b dloss/dZ = G, hence
 #     dQ = (s/b) (G ⊙ U) K,  dK = (s/b) (G ⊙ U)^T Q,  d_o = (s/b) diag(G),  ds = (1/b) sum(G ⊙ R);
 # both directions add H(Z^T, Y), and G gains the column softmax minus I.
-# A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their maxima
-# and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash attention
-# needs because it splits rows. Only the column softmax of both directions needs all rows: one sweep more.
+# A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their
+# maxima and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash
+# attention needs because it splits rows. Only both directions' column softmax needs all rows: one
+# sweep more.
 
 
 @dataclass
@@ -981,7 +982,7 @@ class _Operands:
     K: torch.Tensor             # (b, d); the same object as Q for the separation terms
     s: object                   # the scale s: a 0-d tensor or a number
     diag: object = None         # o (b,), or None: no diagonal override
-    sem: object = None          # Ŝ (b, d_s) row-normalised: U = 1 - Ŝ Ŝ^T; or None
+    sem: object = None          # Ê_s (b, d_s) row-normalised: U = 1 - Ê_s Ê_s^T; or None
     zero_diag: bool = False     # U = 1 - I (sem is None then); neither: U = 1
 
     @staticmethod
@@ -1003,7 +1004,7 @@ def _strip_logits(op, r0, r1):
     eye = torch.arange(r0, r1, device=dev)[:, None] == torch.arange(b, device=dev)  # (n, b) rows of I
     R = op.Q[r0:r1] @ op.K.T                                             # (n, b)  rows of X
     if op.sem is not None:
-        R = R * (1 - op.sem[r0:r1] @ op.sem.T)                           # ⊙ U, U = 1 - Ŝ Ŝ^T
+        R = R * (1 - op.sem[r0:r1] @ op.sem.T)                           # ⊙ U, U = 1 - Ê_s Ê_s^T
     if op.zero_diag:
         R = R.masked_fill(eye, 0.0)                                      # ⊙ U, U = 1 - I
     if op.diag is not None:
@@ -1037,7 +1038,7 @@ def contrastive_ce_strips(Q, K, scale, diag=None, sem=None, zero_diag=False, bot
 
 
 def _weight_tile(sem, r0, r1, out):
-    """Rows r0:r1 of U = 1 - Ŝ Ŝ^T, (r1 - r0, b), written into `out`."""
+    """Rows r0:r1 of U = 1 - Ê_s Ê_s^T, (r1 - r0, b), written into `out`."""
     U = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  rows of S
     return U.neg_().add_(1)                                              # (n, b)  1 - S
 
@@ -1149,7 +1150,7 @@ class ContrastiveCE(torch.autograd.Function):
         loss = H(Z, Y) [+ H(Z^T, Y) if both_directions],    Z = s [diag(o) + (Q K^T) ⊙ U]
 
     Inputs: Q (b, d); K (b, d), or None for K = Q; diag: o (b,) or None; scale: s, a number or a
-    tensor of shape () or (1,); sem: Ŝ (b, d_s) row-normalised, for U = 1 - Ŝ Ŝ^T, or None;
+    tensor of shape () or (1,); sem: Ê_s (b, d_s) row-normalised, for U = 1 - Ê_s Ê_s^T, or None;
     zero_diag: U = 1 - I instead (U = 1 when both are off); both_directions; block_size.
 
     Fewer products: each strip's G becomes its share of dQ, dK, d_o and ds at once (the identities
