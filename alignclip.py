@@ -989,7 +989,7 @@ class _Operands:
     def of(Q, K, diag, scale, sem, zero_diag):
         ct = _compute_dtype(Q)
         up = lambda t: None if t is None else t.to(ct)                   # noqa: E731  no copy if ct
-        s = scale.to(ct).reshape(()) if torch.is_tensor(scale) else float(scale)
+        s = scale.to(Q.device, ct).reshape(()) if torch.is_tensor(scale) else float(scale)
         Q = up(Q)
         return _Operands(Q, Q if K is None else up(K), s, up(diag), up(sem), zero_diag)
 
@@ -1177,14 +1177,15 @@ class ContrastiveCE(torch.autograd.Function):
             dK = None if op.K is op.Q else acc.dK.mul_(k)                # K is Q: all of it is in dQ
             d_o = None if acc.d_o is None else acc.d_o.mul_(k)
             ctx.save_for_backward(acc.dQ.mul_(k), dK, d_o, acc.GR / Q.shape[0])
-        ctx.meta = [(t.dtype, t.shape) if torch.is_tensor(t) else None for t in (Q, K, diag, scale)]
+        ctx.meta = [(t.device, t.dtype, t.shape) if torch.is_tensor(t) else None
+                    for t in (Q, K, diag, scale)]
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
         with _autocast_off(grad_loss):
-            grads = [None if g is None or not needed else (grad_loss * g).to(meta[0]).reshape(meta[1])
+            grads = [None if g is None or not needed else (grad_loss * g).to(*meta[:2]).reshape(meta[2])
                      for g, meta, needed in zip(ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)]
         return (*grads, None, None, None, None)                          # sem, flags, block: none
 

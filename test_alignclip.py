@@ -836,38 +836,44 @@ def test_clip_loss_and_contrastive_ce_under_cpu_bf16_autocast():
             assert_rel_close([g], [w], 1e-5)
 
 
-def test_bf16_inputs_under_autocast_within_bf16_tolerance():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_under_autocast_within_their_tolerance(dtype):
     Ev, Et, Es, s = _float32_inputs(seed=6)
-    bf = [t.detach().bfloat16().requires_grad_() for t in (Ev, Et)]
+    bf = [t.detach().to(dtype).requires_grad_() for t in (Ev, Et)]
     exact = [t.detach().double().requires_grad_() for t in bf]           # the same values, float64
-    want = value_and_grads(A.alignclip_loss_reference, *exact, Es.bfloat16().double(), s.double(),
+    want = value_and_grads(A.alignclip_loss_reference, *exact, Es.to(dtype).double(), s.double(),
                            separate="both")
     for fn in (A.alignclip_loss, A.alignclip_loss_reference):
-        got = autocast_value_and_grads(fn, *bf, Es.bfloat16(), s, separate="both")
-        assert got[1].dtype == got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+        got = autocast_value_and_grads(fn, *bf, Es.to(dtype), s, separate="both")
+        assert got[1].dtype == got[2].dtype == dtype and got[3].dtype == torch.float32
         assert_rel_close(got[:1], want[:1], 1e-6)                        # the loss is float32
         for g, w in zip(got[1:], want[1:]):
-            assert_rel_close([g], [w], 1e-2)                             # gradients rounded to bf16
+            assert_rel_close([g], [w], 1e-2)                             # gradients rounded to dtype
     clip = lambda Ev, Et, Es, s: A.clip_loss(Ev, Et, s)                  # noqa: E731
     want = value_and_grads(clip, *exact, Es, s.double())
     got = autocast_value_and_grads(clip, *bf, Es, s)
-    assert got[1].dtype == torch.bfloat16 and got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[0].dtype == torch.float32
     assert_rel_close(got[:1], want[:1], 1e-6)
     assert_rel_close(got[1:], want[1:], 1e-2)
 
 
-@pytest.mark.parametrize("fn", [A.alignclip_loss, A.alignclip_loss_reference, "clip_loss"])
-def test_scale_of_shape_1_and_python_float(fn):
+def _clip_loss_of_four(Ev, Et, Es, s):
+    return A.clip_loss(Ev, Et, s)
+
+
+@pytest.mark.parametrize("fn, reference", [(A.alignclip_loss, A.alignclip_loss_reference),
+                                           (A.alignclip_loss_reference, A.alignclip_loss_reference),
+                                           (_clip_loss_of_four, _clip_loss_of_four)])
+def test_scale_of_shape_1_and_python_float(fn, reference):
     """OpenCLIP's nonscalar_logit_scale gives s of shape (1,): the value is the same and its
     gradient has shape (1,); a Python float gives the same value."""
     Ev, Et, Es, s = loss_inputs(11, seed=7)
-    loss = (lambda Ev, Et, Es, s, **k: A.clip_loss(Ev, Et, s)) if fn == "clip_loss" else fn  # noqa: E731
-    want = value_and_grads(A.alignclip_loss_reference if fn != "clip_loss" else loss, Ev, Et, Es, s)
+    want = value_and_grads(reference, Ev, Et, Es, s)
     s1 = s.detach().reshape(1).requires_grad_()
-    got = value_and_grads(loss, Ev, Et, Es, s1)
+    got = value_and_grads(fn, Ev, Et, Es, s1)
     assert got[0].shape == () and got[3].shape == (1,)
     assert_rel_close(got[:3] + [got[3].reshape(())], want, 1e-10)
-    number = loss(Ev, Et, Es, s.item())
+    number = fn(Ev, Et, Es, s.item())
     assert abs(number.item() - want[0].item()) <= 1e-12 * want[0].item()
 
 
