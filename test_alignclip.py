@@ -917,7 +917,9 @@ def test_fused_loss_compiles_as_one_graph():
     """torch.compile(fullgraph=True) traces forward and the custom backward without a graph break
     (a data-dependent branch such as `if grad_output == 1` would be one); same value and gradients."""
     Ev, Et, Es, s = _float32_inputs(b=9, seed=10)
-    loss = lambda Ev, Et, Es, s: A.alignclip_loss(Ev, Et, Es, s, separate="both", block_size=4)  # noqa: E731
+    def loss(Ev, Et, Es, s):
+        return A.alignclip_loss(Ev, Et, Es, s, separate="both", block_size=4)
+
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     assert_rel_close(value_and_grads(compiled, Ev, Et, Es, s), value_and_grads(loss, Ev, Et, Es, s),
                      1e-6)
