@@ -736,41 +736,69 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
 
 
 # -----------------------------------------------------------------------------
-# Losses (method.md section 2) and the alignment metrics (section 3)
+# Losses (the paper's Eq. 1-13) and the alignment metrics (Eq. 5; Liang et al., 2022)
 #
 # Self-contained: this section needs only torch and the standard library, so it can be copied
 # alone into another codebase, with these imports (the benchmark at its end also uses argparse,
-# functools, statistics, sys and time; leave it out if you do not need it):
+# functools, statistics and time; leave it out if you do not need it):
+#     from dataclasses import dataclass
 #     import torch
 #     import torch.nn.functional as F
 #     from torch.autograd.function import once_differentiable
-# In an existing CLIP training loop, where image_emb and text_emb are
-# L2-normalised (b, d) and logit_scale = model.logit_scale.exp(), replace the CLIP loss with:
+#     from torch.utils.checkpoint import checkpoint
+# In an existing CLIP training loop, where image_emb and text_emb are L2-normalised (b, d) and
+# scale = model.logit_scale.exp() (OpenCLIP's parameter logit_scale is tau = log s), replace the
+# CLIP loss with:
 #
 #     sem = sbert.encode(captions, convert_to_tensor=True)                # (b, d_s), any scale
-#     loss = alignclip_loss(image_emb, text_emb, sem, logit_scale)        # was: clip_loss(...)
+#     loss = alignclip_loss(image_emb, text_emb, sem, scale)              # was: clip_loss(...)
 #     loss.backward()
 #
-# Reading order: clip_loss (Eq. 1-4) -> alignclip_loss_reference (Eq. 6-13, line by line) ->
-# ContrastiveCE (the fused kernel: same numbers, no b x b matrix) -> alignclip_loss (the reference's
-# semantics on the kernel; train.py uses it) -> alignment_score (Eq. 5), modality_gap -> bench.
+# Reading order: clip_loss (Eq. 1-4) -> alignclip_loss_reference (Eq. 6-13, line by line) -> the
+# fused kernel: its identities, contrastive_ce_strips (the same loss over strips of rows, plain
+# autograd), ContrastiveCE (the same numbers with fewer products) -> alignclip_loss (the
+# reference's semantics on the kernel; train.py uses it) -> alignment_score (Eq. 5), modality_gap.
 # Symbols: E_v, E_t (b, d) image and text embeddings, E_s (b, d_s) sentence embeddings of the
-# captions, s the logit scale, Y = (0, ..., b-1), H(logits, Y) the mean cross-entropy over rows.
+# captions, s = exp(tau) the logit scale (the argument `scale`; the model's parameter is tau),
+# Y = (0, ..., b-1) the labels, H(logits, Y) the mean cross-entropy over rows.
+# Precision: every loss computes in float32 (float64 for float64 inputs) with autocast off inside,
+# whatever the caller's torch.autocast says, and gives gradients in each input's dtype and shape.
+# Call backward outside autocast, as PyTorch advises (the fused kernel's backward is exact either
+# way; that of clip_loss and the reference would run its products in autocast's dtype).
 # -----------------------------------------------------------------------------
 
 SEPARATE = ("image", "text", "both")
 
 
-def clip_loss(image_emb, text_emb, logit_scale):
+def _compute_dtype(t):
+    """float64 stays float64; everything else (fp32, bf16, fp16) is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(t):
+    """Autocast off on t's device: the products then run in their inputs' dtype, which the losses
+    choose (_compute_dtype), not in the bf16/fp16 an enclosing torch.autocast would pick."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _upcast(scale, ct):
+    """s in the compute dtype: a Python number stays a number, a tensor keeps its shape."""
+    return scale.to(ct) if torch.is_tensor(scale) else scale
+
+
+def clip_loss(image_emb, text_emb, scale):
     """CLIP's symmetric contrastive loss (Eq. 1-4):  L = 1/2 [ H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y) ].
 
-    image_emb, text_emb: (b, d), already L2-normalised; logit_scale: the scalar s = exp(tau).
-    The same value without a b x b matrix: 0.5 * contrastive_ce(image_emb, text_emb, logit_scale,
-    both_directions=True) (below).
+    image_emb, text_emb: (b, d), already L2-normalised; scale: s = exp(tau), a number or a tensor
+    of shape () or (1,). The same value without a b x b matrix: 0.5 * contrastive_ce(image_emb,
+    text_emb, scale, both_directions=True) (below).
     """
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device)   # (b,) pair i matches row i
-    logits = logit_scale * image_emb @ text_emb.T                        # (b, b) image -> text
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    ct = _compute_dtype(image_emb)
+    with _autocast_off(image_emb):
+        Ev, Et, s = image_emb.to(ct), text_emb.to(ct), _upcast(scale, ct)
+        labels = torch.arange(Ev.shape[0], device=Ev.device)             # (b,) pair i matches row i
+        logits = s * Ev @ Et.T                                           # (b, b) image -> text
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def _check_args(separate, rescale, semantic_emb):
@@ -780,267 +808,324 @@ def _check_args(separate, rescale, semantic_emb):
         raise ValueError("rescale=True needs semantic_emb (the sentence embeddings of the captions)")
 
 
-def alignclip_loss_reference(image_emb, text_emb, semantic_emb, logit_scale, alpha=1.0, beta=0.5,
+def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5,
                              separate="image", rescale=True, return_parts=False):
     """AlignCLIP's loss written exactly as the paper states it (Eq. 6-13); every matrix is b x b.
 
         S     = Ê_s Ê_s^T           semantic similarity of the captions, Ê_s = rows of E_s normalised
-        D     = 1 - S               (Eq. 6-7)   rescale=False: D = 1 - I, the ablation "w/o rescaling"
+        1 - S                       the paper's D (Eq. 6-7), `dissim` in the code; with
+                                    rescale=False 1 - I, the ablation "w/o rescaling" (Table 7)
         V     = E_v E_v^T           image-image similarity (E_t E_t^T for separate="text")
-        V_D   = V ⊙ D               (Eq. 8-9)   element-wise
+        V_D   = V ⊙ (1 - S)         (Eq. 8-9)   element-wise
         M     = E_v E_t^T           image-text similarity; diag(M) keeps its diagonal only
         logits_vsep = s [ diag(M) + V_D ]                                     (Eq. 10)
         L_IMSep     = H(logits_vsep, Y)                                        (Eq. 11)
         L = alpha [ H(s M, Y) + H(s M^T, Y) ] + beta L_IMSep                   (Eq. 12-13)
 
     Note the cross-modal part is the SUM of the two cross-entropies (no 1/2, unlike clip_loss), as
-    in the paper and the authors' code. The diagonal of V_D is V_ii (1 - S_ii) = 0 up to rounding,
-    so row i's positive is the paired image-text similarity and its negatives are the other images,
-    each rescaled by how different its caption is (identical captions: weight 0, no push apart).
-    separate="both" uses L_IMSep(image) + L_IMSep(text) in place of L_IMSep.
+    in the paper and the authors' code. Row i's positive is M_ii plus V_D's diagonal V_ii (1 - S_ii),
+    which is 0 up to rounding when E_s's row i is not zero (and V_ii = 1 when it is: S_ii = 0);
+    its negatives are the other images, each rescaled by how different its caption is (identical
+    captions: weight 0, no push apart). separate="both" uses L_IMSep(image) + L_IMSep(text).
 
     image_emb, text_emb: (b, d) L2-normalised; semantic_emb: (b, d_s) raw sentence embeddings (no
-    gradient flows into them; may be None when rescale=False); logit_scale: the scalar s.
-    return_parts=True returns (L, {"clip": H(sM, Y) + H(sM^T, Y), "imsep": L_IMSep}), both before
-    their weights alpha and beta, so that L = alpha * clip + beta * imsep.
+    gradient flows into them; may be None when rescale=False); scale: s, a number or a tensor of
+    shape () or (1,). Inputs are upcast to float32 (float64 stays), autocast is off inside.
+    return_parts=True returns (L, {"cross_modal_sum": H(sM, Y) + H(sM^T, Y), "imsep": L_IMSep}),
+    both before their weights: L = alpha * cross_modal_sum + beta * imsep.
     """
     _check_args(separate, rescale, semantic_emb)
-    s, b = logit_scale, image_emb.shape[0]
-    labels = torch.arange(b, device=image_emb.device)                    # Y
-    M = image_emb @ text_emb.T                                           # (b, b)
-    clip = F.cross_entropy(s * M, labels) + F.cross_entropy(s * M.T, labels)
-    if rescale:
-        Es = F.normalize(semantic_emb.detach(), dim=-1)                  # (b, d_s); a zero row stays 0
-        D = 1 - Es @ Es.T                                                # (b, b)  1 - S
-    else:
-        D = 1 - torch.eye(b, dtype=M.dtype, device=M.device)             # (b, b)  1 - I
-    diag_M = torch.diag(torch.diagonal(M))                               # (b, b)  diag(M)
+    ct, b = _compute_dtype(image_emb), image_emb.shape[0]
+    with _autocast_off(image_emb):
+        Ev, Et, s = image_emb.to(ct), text_emb.to(ct), _upcast(scale, ct)
+        labels = torch.arange(b, device=Ev.device)                       # Y
+        M = Ev @ Et.T                                                    # (b, b)
+        cross = F.cross_entropy(s * M, labels) + F.cross_entropy(s * M.T, labels)
+        if rescale:
+            Es = F.normalize(semantic_emb.detach().to(ct), dim=-1)       # (b, d_s); a zero row stays 0
+            dissim = 1 - Es @ Es.T                                       # (b, b)  1 - S
+        else:
+            dissim = 1 - torch.eye(b, dtype=ct, device=M.device)         # (b, b)  1 - I
+        diag_M = torch.diag(torch.diagonal(M))                           # (b, b)  diag(M)
 
-    def imsep(E):                                                        # E: E_v or E_t
-        V_D = (E @ E.T) * D                                              # (b, b)
-        return F.cross_entropy(s * (diag_M + V_D), labels)
+        def imsep(E):                                                    # E: E_v or E_t
+            V_D = (E @ E.T) * dissim                                     # (b, b)
+            return F.cross_entropy(s * (diag_M + V_D), labels)
 
-    sides = {"image": [image_emb], "text": [text_emb], "both": [image_emb, text_emb]}[separate]
-    sep = sum(imsep(E) for E in sides)
-    total = alpha * clip + beta * sep
-    return (total, {"clip": clip, "imsep": sep}) if return_parts else total
+        sides = {"image": [Ev], "text": [Et], "both": [Ev, Et]}[separate]
+        sep = sum(imsep(E) for E in sides)
+        total = alpha * cross + beta * sep
+    return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
 
 
 # --- the fused kernel ---------------------------------------------------------
+# Every term of Eq. 13 is one contrastive cross-entropy over Z = s R, with
+#     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ê_s Ê_s^T (IMSep), 1 - I (no rescaling), 1 (CLIP)
+# (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o_i = M_ii). With the row softmax
+# P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss (1/b) sum_i
+# [logsumexp_j Z_ij - Z_ii] has b dloss/dZ = G, hence
+#     dQ = (s/b) (G ⊙ U) K,  dK = (s/b) (G ⊙ U)^T Q,  d_o = (s/b) diag(G),  ds = (1/b) sum(G ⊙ R);
+# both directions add H(Z^T, Y), and G gains the column softmax minus I.
+# A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their
+# maxima and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash
+# attention needs because it splits rows. Only both directions' column softmax needs all rows: one
+# sweep more.
 
 
-def _compute_dtype(t):
-    """float64 stays float64; everything else (fp32, bf16, fp16) is computed in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+@dataclass
+class _Operands:
+    """The inputs of one call, in the compute dtype: Z = s [diag(o) + (Q K^T) ⊙ U]."""
+    Q: torch.Tensor             # (b, d)
+    K: torch.Tensor             # (b, d); the same object as Q for the separation terms
+    s: object                   # the scale s: a 0-d tensor or a number
+    diag: object = None         # o (b,), or None: no diagonal override
+    sem: object = None          # Ê_s (b, d_s) row-normalised: U = 1 - Ê_s Ê_s^T; or None
+    zero_diag: bool = False     # U = 1 - I (sem is None then); neither: U = 1
+
+    @staticmethod
+    def of(Q, K, diag, scale, sem, zero_diag):
+        ct = _compute_dtype(Q)
+        up = lambda t: None if t is None else t.to(ct)                   # noqa: E731  no copy if ct
+        s = scale.to(Q.device, ct).reshape(()) if torch.is_tensor(scale) else float(scale)
+        Q = up(Q)
+        return _Operands(Q, Q if K is None else up(K), s, up(diag), up(sem), zero_diag)
+
+    def transposed(self):
+        """Z^T = s [diag(o) + (K Q^T) ⊙ U^T], and U is symmetric: the operands with Q and K swapped."""
+        return _Operands(self.K, self.Q, self.s, self.diag, self.sem, self.zero_diag)
+
+
+def _strip_logits(op, r0, r1):
+    """Rows r0:r1 of Z, (r1 - r0, b), with plain autograd operations."""
+    b, dev = op.K.shape[0], op.K.device
+    eye = torch.arange(r0, r1, device=dev)[:, None] == torch.arange(b, device=dev)  # (n, b) rows of I
+    R = op.Q[r0:r1] @ op.K.T                                             # (n, b)  rows of X
+    if op.sem is not None:
+        R = R * (1 - op.sem[r0:r1] @ op.sem.T)                           # ⊙ U, U = 1 - Ê_s Ê_s^T
+    if op.zero_diag:
+        R = R.masked_fill(eye, 0.0)                                      # ⊙ U, U = 1 - I
+    if op.diag is not None:
+        R = R + eye * op.diag[r0:r1, None]                               # + diag(o)
+    return op.s * R
+
+
+def _strip_ce(op, r0, r1):
+    """The sum over rows r0:r1 of Z of each row's cross-entropy with its label (its own index)."""
+    labels = torch.arange(r0, r1, device=op.Q.device)                    # (n,)
+    return F.cross_entropy(_strip_logits(op, r0, r1), labels, reduction="sum")
+
+
+def contrastive_ce_strips(Q, K, scale, diag=None, sem=None, zero_diag=False, both_directions=False,
+                          block_size=1024):
+    """contrastive_ce's loss by plain autograd over strips of block_size rows. Each strip's logits
+    are recomputed in backward (torch.utils.checkpoint), so no b x b matrix is kept once
+    b > block_size. The step between the reference and ContrastiveCE: same value, simplest code."""
+    with _autocast_off(Q):
+        op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
+        b, total = Q.shape[0], 0
+        for operands in [op, op.transposed()] if both_directions else [op]:  # Z's rows, Z^T's rows
+            for r0 in range(0, b, block_size):
+                total = total + checkpoint(_strip_ce, operands, r0, min(r0 + block_size, b),
+                                           use_reentrant=False)
+        return total / b
+
+
+# The hand-written kernel: contrastive_ce_strips' numbers with fewer products and the gradients
+# computed in forward. Strips reuse three (block_size, b) buffers through in-place operations.
 
 
 def _weight_tile(sem, r0, r1, out):
-    """Rows r0:r1 of the weight W = D = 1 - Ŝ Ŝ^T, (r1 - r0, b), written into `out`."""
-    W = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  S tile
-    return W.neg_().add_(1)                                              # (n, b)  1 - S
+    """Rows r0:r1 of U = 1 - Ê_s Ê_s^T, (r1 - r0, b), written into `out`."""
+    U = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  rows of S
+    return U.neg_().add_(1)                                              # (n, b)  1 - S
 
 
-def _logit_tile(A, B, diag, sem, zero_diag, s, r0, r1, z_out, w_out):
-    """Rows r0:r1 of Z = s [ diag(o) + (A B^T) ⊙ W ] and of W (None when W has no tile).
-
-    W is 1 - Ŝ Ŝ^T when sem is given, 1 - I when zero_diag, else all ones. In a strip of rows
-    r0:r1 the global diagonal (i, i) is the strip's diagonal with offset r0.
-    """
-    Z = torch.mm(A[r0:r1] * s, B.T, out=z_out[: r1 - r0])               # (n, b)
-    W = None
-    if sem is not None:
-        W = _weight_tile(sem, r0, r1, w_out)                             # (n, b)
-        Z.mul_(W)
-    if zero_diag:
+def _logit_tile(op, r0, r1, z_out, u_out):
+    """_strip_logits in the buffers z_out, u_out: rows r0:r1 of Z and of U (None when U has none).
+    In a strip of rows r0:r1 the global diagonal (i, i) is the strip's diagonal with offset r0."""
+    Z = torch.mm(op.Q[r0:r1] * op.s, op.K.T, out=z_out[: r1 - r0])       # (n, b)  s X
+    U = None
+    if op.sem is not None:
+        U = _weight_tile(op.sem, r0, r1, u_out)                          # (n, b)
+        Z.mul_(U)
+    if op.zero_diag:
         Z.diagonal(r0).zero_()
-    if diag is not None:
-        Z.diagonal(r0).add_(diag[r0:r1], alpha=s)                        # the override: s o_i
-    return Z, W
+    if op.diag is not None:
+        Z.diagonal(r0).add_(op.diag[r0:r1] * op.s)                       # + s o_i
+    return Z, U
 
 
-def _row_logsumexp(A, B, diag, sem, zero_diag, s, block, z_buf, w_buf):
+def _row_logsumexp(op, block, z_buf, u_buf):
     """logsumexp over each full row of Z, (b,), one strip at a time (exact row maxima)."""
-    lse = A.new_empty(A.shape[0])
-    for r0 in range(0, A.shape[0], block):
-        r1 = min(r0 + block, A.shape[0])
-        Z, _ = _logit_tile(A, B, diag, sem, zero_diag, s, r0, r1, z_buf, w_buf)
+    b = op.Q.shape[0]
+    lse = op.Q.new_empty(b)
+    for r0 in range(0, b, block):
+        Z, _ = _logit_tile(op, r0, min(r0 + block, b), z_buf, u_buf)
         m = Z.amax(1, keepdim=True)                                      # (n, 1)
-        lse[r0:r1] = (m + Z.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(1)
+        lse[r0:r0 + len(Z)] = (m + Z.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(1)
     return lse
 
 
-def _strip_backward(A, B, diag, G, W, zero_diag, s, b, r0, r1, same, dA, dB, d_diag):
-    """Add one strip's gradient contributions into dA, dB, d_diag; return its part of b * dloss/ds.
+@dataclass
+class _Grads:
+    """The identities' sums over strips, scaled once at the end: dQ and dK by s/b, d_o by s/b,
+    G ⊙ R's sum by 1/b. dK is the same tensor as dQ when K is Q."""
+    dQ: torch.Tensor            # (b, d)  (G ⊙ U) K  [+ (G ⊙ U)^T Q when K is Q]
+    dK: torch.Tensor            # (b, d)  (G ⊙ U)^T Q
+    d_o: object                 # (b,)    diag(G), or None without o
+    GR: torch.Tensor            # ()      sum(G ⊙ R)
 
-    With Z = s R, R = diag(o) + X ⊙ W and X = A B^T:  dloss/dX = (s/b) G ⊙ W,  dloss/do_i = (s/b) G_ii,
-    dloss/ds = (1/b) sum(G ⊙ R), and sum(H ⊙ X) = sum_i A_i . (H B)_i costs no extra b-wide pass.
-    """
-    ds = 0.0
-    if diag is not None:
-        g_diag = G.diagonal(r0)                                          # (n,)
-        d_diag[r0:r1] = g_diag * (s / b)
-        ds = torch.dot(g_diag, diag[r0:r1])
-    H = G.mul_(W) if W is not None else G                                # (n, b)  G ⊙ W
-    if zero_diag:
-        H.diagonal(r0).zero_()
-    if same and r1 - r0 == b:
-        # one strip and B = A: dA = (s/b) (H + H^T) A is one product instead of two,
-        # and sum(H ⊙ A A^T) is half of A . (H + H^T) A since A A^T is symmetric
-        Y = (H + H.T) @ A                                                # (b, d)
-        dA.add_(Y, alpha=s / b)
-        return ds + 0.5 * torch.vdot(A.reshape(-1), Y.reshape(-1))
-    Y = H @ B                                                            # (n, d)
-    dA[r0:r1].add_(Y, alpha=s / b)
-    dB.addmm_(H.T, A[r0:r1], alpha=s / b)                                # (b, d); dB is dA if B = A
-    return ds + torch.vdot(A[r0:r1].reshape(-1), Y.reshape(-1))
+    @staticmethod
+    def zeros(op):
+        dQ = torch.zeros_like(op.Q)
+        return _Grads(dQ, dQ if op.K is op.Q else torch.zeros_like(op.K),
+                      None if op.diag is None else torch.zeros_like(op.diag), op.Q.new_zeros(()))
 
 
-def _sweep(A, B, diag, logit_scale, sem, zero_diag, both_directions, block, need_grad):
-    """The work of ContrastiveCE: the loss and, if need_grad, the gradients of the loss itself
-    (dloss/dA, dloss/dB, dloss/ddiag, dloss/ds) in the compute dtype. B=None means B is A."""
-    ct = _compute_dtype(A)
-    A = A.to(ct)                                                         # (b, d) no copy for fp32
-    same = B is None
-    B = A if same else B.to(ct)                                          # (b, d)
-    diag = None if diag is None else diag.to(ct)                         # (b,)
-    sem = None if sem is None else sem.to(ct)                            # (b, d_s)
-    s, b = float(logit_scale), A.shape[0]
+def _strip_grads(op, G, U, r0, r1, acc):
+    """Add strip r0:r1's share of each sum into acc. sum(G ⊙ R) = sum_i G_ii o_i + sum(G ⊙ U ⊙ X),
+    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product dQ needs anyway."""
+    if op.diag is not None:
+        acc.d_o[r0:r1] = G.diagonal(r0)                                  # (n,)
+        acc.GR += torch.dot(acc.d_o[r0:r1], op.diag[r0:r1])
+    GU = G.mul_(U) if U is not None else G                               # (n, b)  G ⊙ U
+    if op.zero_diag:
+        GU.diagonal(r0).zero_()
+    Qs = op.Q[r0:r1]                                                     # (n, d)
+    if op.K is op.Q and r1 - r0 == op.Q.shape[0]:
+        # one strip and K = Q: dQ's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
+        # as Q Q^T is symmetric, sum(G ⊙ U ⊙ Q Q^T) is half of Q . that sum
+        GUQ = (GU + GU.T) @ Qs                                           # (b, d)
+        acc.dQ += GUQ
+        acc.GR += 0.5 * torch.vdot(Qs.reshape(-1), GUQ.reshape(-1))
+        return
+    GUK = GU @ op.K                                                      # (n, d)
+    acc.dQ[r0:r1] += GUK
+    acc.dK.addmm_(GU.T, Qs)                                              # (b, d); dK is dQ if K is Q
+    acc.GR += torch.vdot(Qs.reshape(-1), GUK.reshape(-1))
+
+
+def _sweep(op, both_directions, block, need_grad):
+    """The work of ContrastiveCE: the loss and, if need_grad, the unscaled _Grads of the loss."""
+    b = op.Q.shape[0]
     block = max(1, min(int(block), b))
-    # the only (block, b) buffers: the logits Z, the weights W, and the probabilities P (P can
+    # the only (block, b) buffers: the logits Z, the weights U, and the probabilities P (P can
     # overwrite Z unless the column softmax still needs Z)
-    z_buf = A.new_empty(block, b)
-    w_buf = A.new_empty(block, b) if sem is not None else None
-    p_buf = A.new_empty(block, b) if both_directions else z_buf
-
+    z_buf = op.Q.new_empty(block, b)
+    u_buf = op.Q.new_empty(block, b) if op.sem is not None else None
+    p_buf = op.Q.new_empty(block, b) if both_directions else z_buf
     col_lse = None                                                       # logsumexp of Z's columns
     if both_directions and block < b:
-        # columns of Z are rows of Z^T = s [diag(o) + (B A^T) ⊙ W^T], and W is symmetric
-        col_lse = _row_logsumexp(B, A, diag, sem, zero_diag, s, block, z_buf, w_buf)
-
-    loss = A.new_zeros(())
-    dA = torch.zeros_like(A) if need_grad else None                     # (b, d)
-    dB = dA if same or not need_grad else torch.zeros_like(B)           # (b, d)
-    d_diag = torch.zeros_like(diag) if need_grad and diag is not None else None
-    ds = A.new_zeros(())
+        col_lse = _row_logsumexp(op.transposed(), block, z_buf, u_buf)
+    acc = _Grads.zeros(op) if need_grad else None
+    loss = op.Q.new_zeros(())
     for r0 in range(0, b, block):
         r1 = min(r0 + block, b)
-        Z, W = _logit_tile(A, B, diag, sem, zero_diag, s, r0, r1, z_buf, w_buf)
+        Z, U = _logit_tile(op, r0, r1, z_buf, u_buf)
         pos = Z.diagonal(r0).clone()                                     # (n,) the positives Z_ii
-        if both_directions and col_lse is None:                          # one strip: Z is all of it
+        if both_directions and col_lse is None:                          # one strip: Z is all of Z
             col_lse = torch.logsumexp(Z, 0)                              # (b,)
-        m = Z.amax(1, keepdim=True)                                      # (n, 1) exact row max
+        m = Z.amax(1, keepdim=True)                                      # (n, 1) exact row maxima
         P = torch.sub(Z, m, out=p_buf[: r1 - r0]).exp_()                 # (n, b) unnormalised
         norm = P.sum(1, keepdim=True)                                    # (n, 1)
         loss += (m.squeeze(1) + norm.squeeze(1).log() - pos).sum()      # sum_i lse_i - Z_ii
         if both_directions:
-            loss += (col_lse[r0:r1] - pos).sum()                         # the transposed direction
-        if not need_grad:
-            continue
-        # G = b * dloss/dZ on these rows: row softmax (+ column softmax) minus the one-hot labels
-        G = P.div_(norm)                                                 # (n, b)
-        if both_directions:
-            G.add_(Z.sub_(col_lse).exp_())                               # Z is not needed any more
-        G.diagonal(r0).sub_(2.0 if both_directions else 1.0)
-        ds += _strip_backward(A, B, diag, G, W, zero_diag, s, b, r0, r1, same, dA, dB, d_diag)
-
-    loss = loss / b
-    if not need_grad:
-        return loss, None
-    return loss, (dA, None if same else dB, d_diag, ds / b)
+            loss += (col_lse[r0:r1] - pos).sum()                         # H(Z^T, Y)'s rows r0:r1
+        if need_grad:
+            G = P.div_(norm)                                             # (n, b) row softmax
+            if both_directions:
+                G.add_(Z.sub_(col_lse).exp_())                           # + column softmax; Z is spent
+            G.diagonal(r0).sub_(2.0 if both_directions else 1.0)         # - I, once per direction
+            _strip_grads(op, G, U, r0, r1, acc)
+    return loss / b, acc
 
 
 class ContrastiveCE(torch.autograd.Function):
-    """Contrastive cross-entropy over Z = s [ diag(o) + (A B^T) ⊙ W ], without any b x b matrix.
+    """The fused kernel: contrastive_ce_strips' numbers with fewer products, gradients computed in
+    forward, and no b x b matrix once b > block_size.
 
-        loss = H(Z, Y)                      (mean over rows, labels Y = arange(b))
-             + H(Z^T, Y)  if both_directions
+        loss = H(Z, Y) [+ H(Z^T, Y) if both_directions],    Z = s [diag(o) + (Q K^T) ⊙ U]
 
-    Inputs: A (b, d); B (b, d), or None for B = A; diag: the additive diagonal o (b,) or None;
-    logit_scale: the scalar s; sem: W = 1 - sem sem^T with sem (b, d_s) already row-normalised,
-    or None; zero_diag: W = 1 - I instead (W = 1 when both are off); both_directions; block_size.
-    Every AlignCLIP term is one call: image->text plus text->image CE (A=E_v, B=E_t,
-    both_directions), image separation (A=B=E_v, o = rowwise E_v . E_t, sem=Ê_s), text separation
-    (A=B=E_t), and the no-rescale ablation (zero_diag instead of sem).
+    Inputs: Q (b, d); K (b, d), or None for K = Q; diag: o (b,) or None; scale: s, a number or a
+    tensor of shape () or (1,); sem: Ê_s (b, d_s) row-normalised, for U = 1 - Ê_s Ê_s^T, or None;
+    zero_diag: U = 1 - I instead (U = 1 when both are off); both_directions; block_size.
 
-    How: rows are processed in strips of block_size. A strip holds whole rows of Z, so its row
-    maxima and log-sum-exp are exact and the row softmax P is known at once; the gradient
-    G = (P - onehot)/b is then turned into input gradients right away (G W B for the strip's rows
-    of A, (G W)^T A_strip for all of B, and the diagonal and logit-scale parts). Columns need
-    statistics over all rows, so with both_directions a first sweep over strips of Z^T (the same
-    tiles with A and B swapped: W is symmetric) computes each column's log-sum-exp, and the main
-    sweep adds the column softmax to G. That is 4 products of b x b x d for both directions
-    together, against 6 for two separate one-direction sweeps; a single strip needs no first sweep.
-    All arithmetic is in float32 (float64 for float64 inputs); gradients come back in the
-    inputs' dtypes, the loss in the compute dtype.
+    Fewer products: each strip's G becomes its share of dQ, dK, d_o and ds at once (the identities
+    above), so no logits are recomputed in backward, and ds needs no pass of its own. With both
+    directions a first sweep over strips of Z^T gives the column log-sum-exps and one sweep then
+    does both softmaxes: 4 products of b x b x d, against 6 for two one-direction sweeps and 8 for
+    contrastive_ce_strips; one strip with K = Q takes one product for dQ instead of two.
 
-    Saves: only dloss/dA, dloss/dB, dloss/do and dloss/ds, computed during forward. Why: the loss
-    is a scalar, so backward just scales them by grad_output; saving per-row statistics instead
-    and recomputing in backward would pay for every logits tile a second time. Recomputes: only
-    the column sweep's tiles, as said; no logits, probabilities or W tiles are kept. Memory: O(b (d + d_s)) plus two (block_size, b)
-    buffers (Z and W, or Z and P), reused by every strip, which also spares the page faults of a
-    fresh allocation per strip.
+    Saves: only dQ, dK, d_o and ds. The loss is a scalar at the end of the graph, so backward only
+    scales them by grad_output; per-row statistics instead would pay for every logits tile twice.
+    Memory: O(b (d + d_s)) plus at most three (block_size, b) buffers (Z, U, and P when both
+    directions need Z after P), reused by every strip.
+    Precision: float32 inside (float64 for float64 Q) with autocast off; gradients in each input's
+    dtype and shape, the loss in the compute dtype. No host sync: s stays a tensor, nothing is read
+    back to Python, so a CUDA step never waits for the GPU here.
     """
 
     @staticmethod
-    def forward(ctx, A, B, diag, logit_scale, sem, zero_diag=False, both_directions=False,
-                block_size=1024):
-        loss, grads = _sweep(A, B, diag, logit_scale, sem, zero_diag, both_directions, block_size,
-                             need_grad=True)
-        ctx.dtypes = [None if t is None else t.dtype for t in (A, B, diag, logit_scale)]
-        ctx.save_for_backward(*grads)                                    # dA, dB (None if B = A), do, ds
+    def forward(ctx, Q, K, diag, scale, sem, zero_diag=False, both_directions=False, block_size=1024):
+        with _autocast_off(Q):
+            op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
+            loss, acc = _sweep(op, both_directions, block_size, need_grad=True)
+            k = op.s / Q.shape[0]                                        # s/b
+            dK = None if op.K is op.Q else acc.dK.mul_(k)                # K is Q: all of it is in dQ
+            d_o = None if acc.d_o is None else acc.d_o.mul_(k)
+            ctx.save_for_backward(acc.dQ.mul_(k), dK, d_o, acc.GR / Q.shape[0])
+        ctx.meta = [(t.device, t.dtype, t.shape) if torch.is_tensor(t) else None
+                    for t in (Q, K, diag, scale)]
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        # grad_loss == 1 (alpha = 1, say) returns the saved gradients themselves, sparing a (b, d)
-        # copy each; autograd writes in place only into a gradient nothing else holds, so they
-        # stay intact while the graph is retained
-        one = bool(grad_loss == 1)
-        grads = [None if g is None or not needed else (g if one else grad_loss * g).to(dtype)
-                 for g, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad)]
+        with _autocast_off(grad_loss):
+            grads = [None if g is None or not needed else (grad_loss * g).to(*meta[:2]).reshape(meta[2])
+                     for g, meta, needed in zip(ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)]
         return (*grads, None, None, None, None)                          # sem, flags, block: none
 
 
-def contrastive_ce(A, B, logit_scale, diag=None, sem=None, zero_diag=False, both_directions=False,
+def contrastive_ce(Q, K, scale, diag=None, sem=None, zero_diag=False, both_directions=False,
                    block_size=1024):
     """ContrastiveCE with keyword arguments; without autograd (torch.no_grad, or no input that
     requires a gradient) it computes the loss only, skipping all gradient work."""
-    if not torch.is_tensor(logit_scale):
-        logit_scale = torch.tensor(float(logit_scale), dtype=_compute_dtype(A), device=A.device)
-    inputs = [t for t in (A, B, diag, logit_scale) if t is not None]
+    inputs = [t for t in (Q, K, diag, scale) if torch.is_tensor(t)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return ContrastiveCE.apply(A, B, diag, logit_scale, sem, zero_diag, both_directions,
-                                   block_size)
-    return _sweep(A, B, diag, logit_scale, sem, zero_diag, both_directions, block_size,
-                  need_grad=False)[0]
+        return ContrastiveCE.apply(Q, K, diag, scale, sem, zero_diag, both_directions, block_size)
+    with _autocast_off(Q):
+        op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
+        return _sweep(op, both_directions, block_size, need_grad=False)[0]
 
 
-def alignclip_loss(image_emb, text_emb, semantic_emb, logit_scale, alpha=1.0, beta=0.5,
+def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5,
                    separate="image", rescale=True, block_size=1024, return_parts=False):
     """AlignCLIP's loss (Eq. 13), equal to alignclip_loss_reference, on the fused ContrastiveCE:
     memory O(b (d + d_s) + block_size * b) instead of a dozen b x b matrices.
 
-        clip  = H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y)          one call, both directions
+        cross_modal_sum = H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y)     one call, both directions
         imsep = H(s [diag(M) + (E_v E_v^T) ⊙ (1 - Ê_s Ê_s^T)], Y)   (E_t for "text"; both summed)
-        L     = alpha * clip + beta * imsep
+        L     = alpha * cross_modal_sum + beta * imsep
 
     Arguments and return_parts as in alignclip_loss_reference; block_size rows per strip.
-    bf16/fp16 inputs are computed in float32 and the loss is float32.
+    Inputs of any floating dtype are computed in float32 (float64 stays), inside or outside
+    torch.autocast; the loss is float32 (float64), gradients in each input's dtype and shape.
     """
     _check_args(separate, rescale, semantic_emb)
     ct = _compute_dtype(image_emb)
     kw = dict(block_size=block_size)
-    clip = contrastive_ce(image_emb, text_emb, logit_scale, both_directions=True, **kw)
-    if beta == 0 and not return_parts:                                   # CLIP terms only: skip IMSep
-        return alpha * clip
-    positives = (image_emb.to(ct) * text_emb.to(ct)).sum(-1)            # (b,) diag(M)
-    sem = F.normalize(semantic_emb.detach().to(ct), dim=-1) if rescale else None  # (b, d_s) Ê_s
-    sides = {"image": [image_emb], "text": [text_emb], "both": [image_emb, text_emb]}[separate]
-    sep = sum(contrastive_ce(E, None, logit_scale, diag=positives, sem=sem, zero_diag=not rescale, **kw)
-              for E in sides)
-    total = alpha * clip + beta * sep
-    return (total, {"clip": clip, "imsep": sep}) if return_parts else total
+    with _autocast_off(image_emb):
+        cross = contrastive_ce(image_emb, text_emb, scale, both_directions=True, **kw)
+        if beta == 0 and not return_parts:                               # CLIP terms only: skip IMSep
+            return alpha * cross
+        positives = (image_emb.to(ct) * text_emb.to(ct)).sum(-1)        # (b,) diag(M)
+        sem = F.normalize(semantic_emb.detach().to(ct), dim=-1) if rescale else None  # (b, d_s) Ê_s
+        sides = {"image": [image_emb], "text": [text_emb], "both": [image_emb, text_emb]}[separate]
+        sep = sum(contrastive_ce(E, None, scale, diag=positives, sem=sem, zero_diag=not rescale, **kw)
+                  for E in sides)
+        total = alpha * cross + beta * sep
+    return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
 
 
 # --- metrics ------------------------------------------------------------------
@@ -1062,51 +1147,58 @@ def modality_gap(image_emb, text_emb):
     return (Ev.mean(0) - Et.mean(0)).norm()
 
 
-# --- benchmark: python alignclip.py bench ---------------------------------------
+# --- benchmark: python alignclip.py bench (not needed by the losses) -----------
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _bench_case(queue, impl, b, d, device, timed, threads, block_size):
+def _bench_case(queue, impl, b, device, timed, args):
     """One (implementation, batch size) case in a fresh process: the peak extra memory in bytes of
     the first forward+backward over the inputs (CPU: peak RSS growth; CUDA: the allocator's peak),
-    and the median seconds of `timed` more (or of the first alone when timed = 0)."""
+    and the median seconds of `timed` more (or of the first alone when timed = 0). With bf16/fp16
+    the embeddings are made in that dtype, as a model under autocast returns them, and the loss is
+    called inside torch.autocast of it."""
     import resource
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     loss = alignclip_loss_reference if impl == "reference" else \
-        functools.partial(alignclip_loss, block_size=block_size)
+        functools.partial(alignclip_loss, block_size=args.block_size)
     cuda = torch.device(device).type == "cuda"
+    dtype = PRECISIONS[args.precision]
 
     def inputs(n):
         gen = torch.Generator(device=device).manual_seed(0)
-        Ev = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).requires_grad_()
-        Et = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).requires_grad_()
-        Es = torch.randn(n, d, device=device, generator=gen)             # raw sentence embeddings
+        randn = lambda: torch.randn(n, args.dim, device=device, generator=gen)  # noqa: E731
+        Ev, Et = (F.normalize(randn(), dim=-1).to(dtype).requires_grad_() for _ in range(2))
+        Es = randn().to(dtype)                                           # raw sentence embeddings
         return Ev, Et, Es, torch.tensor(1 / 0.07, device=device, requires_grad=True)
 
-    def seconds(args):
+    def seconds(loss_args):
         t0 = time.perf_counter()
-        loss(*args).backward()
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=args.precision != "fp32"):
+            value = loss(*loss_args)
+        value.backward()
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     seconds(inputs(64))                                                  # start thread pools, kernels
-    args = inputs(b)
+    loss_args = inputs(b)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
-    first = seconds(args)                                                # the memory peak is this run's
+    first = seconds(loss_args)                                           # the memory peak is this run's
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times = []
     for _ in range(timed):
-        for t in args:
+        for t in loss_args:
             t.grad = None
-        times.append(seconds(args))
+        times.append(seconds(loss_args))
     times = times or [first]
     queue.put((statistics.median(times), peak))
 
@@ -1117,8 +1209,7 @@ def _run_case(impl, b, args, device):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     timed = args.repeats if b <= 8192 else 0                             # large b: the first run only
-    proc = ctx.Process(target=_bench_case, args=(queue, impl, b, args.dim, device, timed,
-                                                 args.threads, args.block_size))
+    proc = ctx.Process(target=_bench_case, args=(queue, impl, b, device, timed, args))
     proc.start()
     proc.join()
     return queue.get() if proc.exitcode == 0 and not queue.empty() else None
@@ -1140,13 +1231,17 @@ def _fmt(x, scale, digits):
 
 
 def bench(argv=None):
-    """Reference vs fused AlignCLIP loss (separate="image", rescale=True, float32): forward+backward
-    time and peak extra memory for several batch sizes, then the largest batch the fused loss runs."""
+    """Reference vs fused AlignCLIP loss (separate="image", rescale=True): forward+backward time and
+    peak extra memory for several batch sizes, then the largest batch the fused loss runs."""
     p = argparse.ArgumentParser(prog="alignclip.py bench", description=bench.__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192, 16384],
                    help="batch sizes b to compare")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, or auto (cpu, and cuda too when available)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32: float32 embeddings, no autocast (the default); bf16/fp16: embeddings "
+                        "in that dtype and the loss called inside torch.autocast of it, as in a "
+                        "mixed-precision training step (CPU: bf16 only)")
     p.add_argument("--max-batch-search", dest="search", action="store_true", default=True,
                    help="after the table, double b from 32768 until the fused loss fails or would "
                         "be too slow (the default)")
@@ -1161,13 +1256,20 @@ def bench(argv=None):
     args = p.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" \
         else [args.device]
+    if args.precision == "fp16" and any(torch.device(d).type == "cpu" for d in devices):
+        p.error("--precision fp16 needs --device cuda: autocast on CPU supports bf16 only "
+                "(use --precision bf16 there)")
+    if any(torch.device(d).type == "cuda" for d in devices) and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device here")
     for device in devices:
         _bench_device(args, device)
 
 
 def _bench_device(args, device):
+    precision = "float32" if args.precision == "fp32" else \
+        f"{args.precision} embeddings under {args.precision} autocast (both losses compute in float32)"
     print(f"\n== {device}: forward+backward of alignclip_loss (separate='image', rescale=True), "
-          f"d = d_s = {args.dim}, float32, {args.threads} threads, block_size {args.block_size}",
+          f"d = d_s = {args.dim}, {precision}, {args.threads} threads, block_size {args.block_size}",
           flush=True)
     rows, ref_per_b2 = [], None                                          # reference bytes / b^2
     for b in args.sizes:

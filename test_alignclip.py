@@ -649,7 +649,8 @@ def test_zero_semantic_row_gives_no_nan():
     assert_rel_close(got, want, 1e-10)
 
 
-@pytest.mark.parametrize("case", ["two_directions", "separation", "no_rescale", "one_strip"])
+@pytest.mark.parametrize("case", ["two_directions", "separation", "no_rescale", "one_strip",
+                                  "scale_of_shape_1"])
 def test_gradcheck_contrastive_ce(case):
     Ev, Et, Es, s = loss_inputs(5, d=3, d_s=4, scale=2.0)
     diag = torch.randn(5, dtype=torch.float64, requires_grad=True)
@@ -657,7 +658,9 @@ def test_gradcheck_contrastive_ce(case):
     args = {"two_directions": (Ev, Et, None, s, None, False, True, 2),
             "separation": (Ev, None, diag, s, sem, False, False, 2),
             "no_rescale": (Et, None, diag, s, None, True, False, 3),
-            "one_strip": (Ev, None, diag, s, sem, False, False, 8)}[case]
+            "one_strip": (Ev, None, diag, s, sem, False, False, 8),
+            "scale_of_shape_1": (Ev, Et, None, s.detach().reshape(1).requires_grad_(), None, False,
+                                 True, 2)}[case]
     assert torch.autograd.gradcheck(A.ContrastiveCE.apply, args)
 
 
@@ -750,8 +753,8 @@ def test_no_grad_path_gives_the_same_value():
 def test_return_parts(fn):
     Ev, Et, Es, s = loss_inputs(10)
     total, parts = fn(Ev, Et, Es, s, alpha=0.8, beta=0.3, separate="both", return_parts=True)
-    assert torch.allclose(total, 0.8 * parts["clip"] + 0.3 * parts["imsep"], rtol=1e-13, atol=0)
-    assert torch.allclose(parts["clip"], 2 * A.clip_loss(Ev, Et, s), rtol=1e-12, atol=0)
+    assert torch.allclose(total, 0.8 * parts["cross_modal_sum"] + 0.3 * parts["imsep"], rtol=1e-13, atol=0)
+    assert torch.allclose(parts["cross_modal_sum"], 2 * A.clip_loss(Ev, Et, s), rtol=1e-12, atol=0)
     image = fn(Ev, Et, Es, s, separate="image", return_parts=True)[1]["imsep"]
     text = fn(Ev, Et, Es, s, separate="text", return_parts=True)[1]["imsep"]
     assert torch.allclose(parts["imsep"], image + text, rtol=1e-12, atol=0)
@@ -790,6 +793,250 @@ def test_fused_never_allocates_a_b_by_b_tensor():
                              block_size=512).backward()
         assert "addmm_" in mode.ops and "mm" in mode.ops                # backward ops were seen
         assert mode.largest <= 512 * b < b * b / 4, mode.largest
+
+
+# ---- the strip-wise checkpointed version ----
+
+
+@pytest.mark.parametrize("separate", A.SEPARATE)
+@pytest.mark.parametrize("rescale", [True, False])
+def test_strips_equal_reference(monkeypatch, separate, rescale):
+    """contrastive_ce_strips in place of the fused kernel: odd b, a block that does not divide it."""
+    Ev, Et, Es, s = loss_inputs(37, seed=3)
+    kw = dict(separate=separate, rescale=rescale, alpha=0.7, beta=0.6)
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, **kw)
+    monkeypatch.setattr(A, "contrastive_ce", A.contrastive_ce_strips)
+    got = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, block_size=5, **kw)
+    assert_rel_close(got, want, 1e-10)
+
+
+def test_strips_keep_no_b_by_b_tensor():
+    """Checkpointed strips: forward and backward never make an output larger than one strip."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    b = 300
+    Ev, Et, Es, s = loss_inputs(b, d=4, d_s=4)
+    sem = F.normalize(Es, dim=-1)
+    with Largest() as mode:
+        loss = A.contrastive_ce_strips(Ev, None, s, diag=(Ev * Et).sum(-1), sem=sem, block_size=50)
+        loss = loss + A.contrastive_ce_strips(Ev, Et, s, both_directions=True, block_size=50)
+        loss.backward()
+    assert mode.largest <= 50 * b, mode.largest
+
+
+# ---- mixed precision: every loss computes in float32 whatever autocast says ----
+
+
+def _float32_inputs(b=24, seed=4, scale=9.0):
+    Ev, Et, Es, s = loss_inputs(b, d=16, d_s=12, dtype=torch.float32, seed=seed, scale=scale)
+    return Ev, Et, Es, s
+
+
+def autocast_value_and_grads(fn, Ev, Et, Es, s, **kw):
+    """The loss computed inside CPU bf16 autocast, its gradients outside, as PyTorch advises."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fn(Ev, Et, Es, s, **kw)
+    return [loss.detach()] + list(torch.autograd.grad(loss, [Ev, Et, s]))
+
+
+@pytest.mark.parametrize("separate", ["image", "both"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_fused_under_cpu_bf16_autocast_is_the_float32_loss(separate, rescale):
+    Ev, Et, Es, s = _float32_inputs()
+    kw = dict(separate=separate, rescale=rescale, block_size=7)
+    outside = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, **kw)
+    reference = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, separate=separate,
+                                rescale=rescale)
+    inside = autocast_value_and_grads(A.alignclip_loss, Ev, Et, Es, s, **kw)
+    reference_inside = autocast_value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s,
+                                                separate=separate, rescale=rescale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # the kernel: backward inside too
+        backward_inside = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, **kw)
+    assert all(t.dtype == torch.float32 for t in inside)
+    for got, also, want in zip(inside, backward_inside, outside):   # value and every gradient
+        assert_rel_close([got], [want], 1e-6)
+        assert_rel_close([also], [want], 1e-6)
+    for got, want in zip(inside, reference):
+        assert_rel_close([got], [want], 1e-5)                 # float32, two orders of summation
+    for got, want in zip(reference_inside, reference):
+        assert_rel_close([got], [want], 1e-6)
+
+
+def test_clip_loss_and_contrastive_ce_under_cpu_bf16_autocast():
+    Ev, Et, Es, s = _float32_inputs(seed=5)
+    clip = lambda Ev, Et, Es, s: A.clip_loss(Ev, Et, s)          # noqa: E731
+    fused = lambda Ev, Et, Es, s: 0.5 * A.contrastive_ce(Ev, Et, s, both_directions=True,  # noqa: E731
+                                                         block_size=5)
+    want = value_and_grads(clip, Ev, Et, Es, s)
+    for fn in (clip, fused):
+        got = autocast_value_and_grads(fn, Ev, Et, Es, s)
+        assert got[0].dtype == torch.float32
+        for g, w in zip(got, want):
+            assert_rel_close([g], [w], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_under_autocast_within_their_tolerance(dtype):
+    Ev, Et, Es, s = _float32_inputs(seed=6)
+    bf = [t.detach().to(dtype).requires_grad_() for t in (Ev, Et)]
+    exact = [t.detach().double().requires_grad_() for t in bf]           # the same values, float64
+    want = value_and_grads(A.alignclip_loss_reference, *exact, Es.to(dtype).double(), s.double(),
+                           separate="both")
+    for fn in (A.alignclip_loss, A.alignclip_loss_reference):
+        got = autocast_value_and_grads(fn, *bf, Es.to(dtype), s, separate="both")
+        assert got[1].dtype == got[2].dtype == dtype and got[3].dtype == torch.float32
+        assert_rel_close(got[:1], want[:1], 1e-6)                        # the loss is float32
+        for g, w in zip(got[1:], want[1:]):
+            assert_rel_close([g], [w], 1e-2)                             # gradients rounded to dtype
+    clip = lambda Ev, Et, Es, s: A.clip_loss(Ev, Et, s)                  # noqa: E731
+    want = value_and_grads(clip, *exact, Es, s.double())
+    got = autocast_value_and_grads(clip, *bf, Es, s)
+    assert got[1].dtype == dtype and got[0].dtype == torch.float32
+    assert_rel_close(got[:1], want[:1], 1e-6)
+    assert_rel_close(got[1:], want[1:], 1e-2)
+
+
+def _clip_loss_of_four(Ev, Et, Es, s):
+    return A.clip_loss(Ev, Et, s)
+
+
+@pytest.mark.parametrize("fn, reference", [(A.alignclip_loss, A.alignclip_loss_reference),
+                                           (A.alignclip_loss_reference, A.alignclip_loss_reference),
+                                           (_clip_loss_of_four, _clip_loss_of_four)])
+def test_scale_of_shape_1_and_python_float(fn, reference):
+    """OpenCLIP's nonscalar_logit_scale gives s of shape (1,): the value is the same and its
+    gradient has shape (1,); a Python float gives the same value."""
+    Ev, Et, Es, s = loss_inputs(11, seed=7)
+    want = value_and_grads(reference, Ev, Et, Es, s)
+    s1 = s.detach().reshape(1).requires_grad_()
+    got = value_and_grads(fn, Ev, Et, Es, s1)
+    assert got[0].shape == () and got[3].shape == (1,)
+    assert_rel_close(got[:3] + [got[3].reshape(())], want, 1e-10)
+    number = fn(Ev, Et, Es, s.item())
+    assert abs(number.item() - want[0].item()) <= 1e-12 * want[0].item()
+
+
+def test_fp16_semantic_embeddings_are_upcast_by_both():
+    """Reference and fused normalise fp16 sentence embeddings after upcasting them, alike."""
+    Ev, Et, Es, s = loss_inputs(13, seed=8)
+    half = Es.half()
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, half.double(), s)
+    for fn in (A.alignclip_loss_reference, A.alignclip_loss):
+        assert_rel_close(value_and_grads(fn, Ev, Et, half, s), want, 1e-10)
+
+
+def test_fused_loss_reads_nothing_back_to_python():
+    """No host sync: forward and backward call no operator that reads a tensor's value back to
+    Python (aten._local_scalar_dense is what item(), float(), int() and bool() of a tensor call)
+    or whose output size depends on values (nonzero and kin): on CUDA each would wait for the GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    Ev, Et, Es, s = _float32_inputs(seed=9)
+    s1 = s.detach().reshape(1).requires_grad_()
+    with Ops() as mode:
+        for separate, rescale, scale in [("both", True, s), ("image", False, s1)]:
+            A.alignclip_loss(Ev, Et, Es, scale, separate=separate, rescale=rescale,
+                             block_size=5).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            A.alignclip_loss(Ev.bfloat16(), Et.bfloat16(), Es, s, block_size=5).backward()
+    assert {"mm", "addmm_", "exp_"} <= mode.seen                         # the kernel was recorded
+    syncing = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique2",
+               "repeat_interleave", "is_nonzero", "equal"}
+    assert not mode.seen & syncing, mode.seen & syncing
+
+
+def test_fused_loss_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) traces forward and the custom backward without a graph break
+    (a data-dependent branch such as `if grad_output == 1` would be one); same value and gradients."""
+    Ev, Et, Es, s = _float32_inputs(b=9, seed=10)
+    def loss(Ev, Et, Es, s):
+        return A.alignclip_loss(Ev, Et, Es, s, separate="both", block_size=4)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    assert_rel_close(value_and_grads(compiled, Ev, Et, Es, s), value_and_grads(loss, Ev, Et, Es, s),
+                     1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_bench_case_runs_under_bf16_autocast(impl):
+    """One benchmark case in this process (the bench runs it in a fresh one): seconds and bytes."""
+    class Queue(list):
+        put = list.append
+
+    args = A.argparse.Namespace(threads=torch.get_num_threads(), block_size=8, dim=8,
+                                precision="bf16")
+    queue = Queue()
+    A._bench_case(queue, impl, 20, "cpu", 1, args)
+    (seconds, peak), = queue
+    assert seconds > 0 and peak >= 0
+
+
+def test_bench_fp16_on_cpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        A.bench(["--device", "cpu", "--precision", "fp16"])
+    assert e.value.code == 2 and "--precision bf16" in capsys.readouterr().err
+
+
+# ---- on a GPU (skipped without CUDA) ----
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fused_equals_reference_on_cuda(precision):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    Ev, Et, Es, s = [t.detach().cuda() for t in loss_inputs(300, d=64, d_s=48, dtype=torch.float32)]
+    Ev, Et, s = [t.to(dtype if t.ndim else torch.float32).requires_grad_() for t in (Ev, Et, s)]
+    exact = [t.detach().double().requires_grad_() for t in (Ev, Et, s)]
+    want = value_and_grads(A.alignclip_loss_reference, exact[0], exact[1], Es.to(dtype).double(),
+                           exact[2], separate="both")
+
+    def under_autocast(fn, **kw):                      # the loss inside autocast, backward outside
+        with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
+            loss = fn(Ev, Et, Es.to(dtype), s, separate="both", **kw)
+        return [loss.detach()] + list(torch.autograd.grad(loss, [Ev, Et, s]))
+
+    for got in (under_autocast(A.alignclip_loss, block_size=128),
+                under_autocast(A.alignclip_loss_reference)):
+        assert got[0].dtype == got[3].dtype == torch.float32 and got[1].dtype == dtype
+        assert_rel_close(got[:1], want[:1], 1e-5)                        # the loss is float32
+        for g, w in zip(got[1:], want[1:]):                              # gradients rounded to dtype
+            assert_rel_close([g], [w], 1e-5 if precision == "fp32" else 1e-2)
+
+
+@gpu
+def test_fused_loss_never_syncs_on_cuda():
+    Ev, Et, Es, s = [t.detach().cuda() for t in loss_inputs(300, d=64, d_s=48, dtype=torch.float32)]
+    for t in (Ev, Et, s):
+        t.requires_grad_()
+    A.alignclip_loss(Ev, Et, Es, s, separate="both", block_size=128).backward()   # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = A.alignclip_loss(Ev, Et, Es, s, separate="both", block_size=128)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -1755,7 +2002,7 @@ def test_a_few_steps_of_each_model(tmp_path, monkeypatch, model):
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     if model == "alignclip":
-        assert "loss_imsep" in recs[0] and "loss_clip" in recs[0]
+        assert "loss_imsep" in recs[0] and "loss_cross_modal_sum" in recs[0]
     loaded, tok = A.load_model(str(out / "last.pt"), with_tokenizer=True)   # readable by load_model
     assert loaded.config.shared == (model != "clip")
     assert tok.vocab_size == loaded.config.vocab_size
