@@ -563,7 +563,8 @@ class Encoder:
         try:
             obj = A.read_checkpoint(self.path)
             self.train_args = obj.get("args") if "config" in obj else None
-            model, tokenizer = A.load_model(obj, activation=self.args.activation, with_tokenizer=True)
+            model, tokenizer = A.load_model(obj, activation=self.args.activation, with_tokenizer=True,
+                                            heads=foreign_heads(self.args))
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--checkpoint {self.path}: {e}") from None
         del obj
@@ -603,7 +604,7 @@ class Encoder:
         tok = self.args.tokenizer
         precision = "bf16" if self.device.type == "cuda" else "fp32"   # bf16 embeddings differ slightly
         return [self.path, st.st_size, st.st_mtime_ns, self.args.activation, precision,
-                files_key([tok]) if tok else None]
+                files_key([tok]) if tok else None] + ([foreign_heads(self.args)] if self.args.heads else [])
 
     def _cached(self, kind, identity, compute):
         key = hashlib.sha1(json.dumps([self._fingerprint(), kind, identity]).encode()).hexdigest()[:24]
@@ -671,6 +672,15 @@ class Encoder:
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def foreign_heads(args):
+    """--heads / --text-heads as load_model's heads= (None: from the table of released models)."""
+    if args.text_heads is not None and args.heads is None:
+        raise UsageError("--text-heads needs --heads (the image tower's, or the shared transformer's)")
+    if args.heads is None:
+        return None
+    return args.heads if args.text_heads is None else (args.heads, args.text_heads)
 
 
 def class_targets(s, labels):
@@ -1227,6 +1237,11 @@ def add_common(p):
     g.add_argument("--tokenizer", default=None, metavar="MERGES",
                    help="BPE merges file (CLIP's bpe_simple_vocab_16e6.txt.gz); default: the one stored in "
                         "this project's checkpoints; required for foreign checkpoints")
+    g.add_argument("--heads", type=int, default=None,
+                   help="attention heads of a foreign checkpoint whose shape matches no released model "
+                        "(OpenAI/OpenCLIP ViT-B-32 ... bigG-14 and the authors' SharedCLIP are known); "
+                        "also the text tower's unless --text-heads")
+    g.add_argument("--text-heads", type=int, default=None, help="attention heads of a foreign CLIP's text tower")
     g = p.add_argument_group("compute")
     g.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

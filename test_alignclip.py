@@ -469,7 +469,7 @@ def test_foreign_layout_matches_reference_forward(tmp_path, layout, act):
     wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}  # DDP + wrapper
     path = tmp_path / "weights.pt"
     torch.save(wrapped, path)
-    model = A.load_model(str(path), activation=act).eval()
+    model = A.load_model(str(path), activation=act, heads=(2, 1)).eval()   # 128 and 64 wide: no table entry
     assert model.config.shared == (layout == "shared")
     assert model.config.activation == act
     torch.manual_seed(1)
@@ -507,11 +507,11 @@ def test_clear_errors_on_bad_files(tmp_path):
     sd = random_foreign_state_dict("shared")
     del sd["transformer.resblocks.1.mlp.c_fc.bias"]
     with pytest.raises(ValueError, match=r"missing: transformer\.resblocks\.1\.mlp\.c_fc\.bias"):
-        A.load_model(sd)
+        A.load_model(sd, heads=2)
     sd = random_foreign_state_dict("openclip")
     sd["ln_final.weight"] = torch.ones(65)
     with pytest.raises(ValueError, match="shape mismatch: text_ln_final|shape mismatch"):
-        A.load_model(sd)
+        A.load_model(sd, heads=(2, 1))
     sd = random_foreign_state_dict("openclip")
     del sd["text_projection"]
     with pytest.raises(ValueError, match="lacks: text_projection"):
@@ -1553,8 +1553,10 @@ def test_missing_data_names_the_layout_and_the_option(ev, tmp_path, one_thread):
 
 def test_foreign_checkpoint_needs_the_tokenizer_option(ev, one_thread):
     with pytest.raises(SystemExit, match=r"no tokenizer.*--tokenizer"):
-        run_eval(ev, "retrieval", checkpoints=("foreign",))
-    res = run_eval(ev, "retrieval", "--tokenizer", ev["merges"], checkpoints=("foreign",))
+        run_eval(ev, "retrieval", "--heads", "1", checkpoints=("foreign",))
+    with pytest.raises(SystemExit, match=r"matches no released model.*--heads"):  # 64 wide: not in the table
+        run_eval(ev, "retrieval", "--tokenizer", ev["merges"], checkpoints=("foreign",))
+    res = run_eval(ev, "retrieval", "--tokenizer", ev["merges"], "--heads", "1", checkpoints=("foreign",))
     assert 0 <= res["Synthetic"]["foreign_shared"]["i2t_R@1"] <= 100
 
 
@@ -1625,7 +1627,7 @@ def test_finetune_saves_a_loadable_checkpoint_and_reports_retrieval(ev, monkeypa
 
 def test_finetune_foreign_checkpoint_defaults_to_clip_loss(ev, one_thread):
     res = run_eval(ev, "finetune-retrieval", "--finetune-epochs", "1", "--finetune-batch-size", "4",
-                   "--tokenizer", ev["merges"], checkpoints=("foreign",))
+                   "--tokenizer", ev["merges"], "--heads", "1", checkpoints=("foreign",))
     m = res["Synthetic"]["foreign_shared"]
     assert m["loss"] == "clip"
     assert A.load_model(m["checkpoint"], with_tokenizer=True)[1] is not None   # now carries its tokenizer
@@ -1879,7 +1881,7 @@ def test_compare_again_resumes_the_interrupted_run_and_reuses_finished_ones(tmp_
     assert capsys.readouterr().out.count("reusing its final metrics") == 3
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.load(open(tmp_path / "cut" / "compare.json"))["runs"] == straight
-    with pytest.raises(SystemExit, match="other options .beta"):  # never overwrites a different run
+    with pytest.raises(SystemExit, match=r"other options \(--beta 0.5 there, 0.25 now\)"):  # never overwrites a different run
         T.main(common + ["--compare", "--out", str(tmp_path / "cut"), "--beta", "0.25"])
 
 
