@@ -871,6 +871,18 @@ def _rename_openclip(sd: dict) -> dict:
     return out
 
 
+def _openclip_names(sd: dict) -> dict:
+    """The inverse of _rename_openclip: our two-tower keys -> OpenCLIP's."""
+    back = {"ln_post.weight": "visual.ln_post.weight", "ln_post.bias": "visual.ln_post.bias",
+            "projection": "visual.proj", "text.token_embedding.weight": "token_embedding.weight",
+            "text.positional_embedding": "positional_embedding"}
+    def name(k):
+        if k.startswith("transformer."):
+            return "visual." + k
+        return k[len("text_"):] if k.startswith("text_transformer.") else back.get(k, k)
+    return {name(k): v for k, v in sd.items()}
+
+
 def _unwrap_state_dict(obj: dict) -> dict:
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, dict):
@@ -924,6 +936,8 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
         merges = obj.get("tokenizer")
     else:
         sd = _unwrap_state_dict(obj)
+        if "text_transformer.resblocks.0.ln_1.weight" in sd:   # our two-tower CLIP as a bare state dict
+            sd = _openclip_names(sd)
         if "projection" in sd and "text.token_embedding.weight" in sd:      # (b) SharedCLIP/AlignCLIP
             sd = {k: v for k, v in sd.items() if k != "text.text_projection"}  # stored but never used
             config, layout = _foreign_config(sd, "shared", activation, heads), "SharedCLIP/AlignCLIP"

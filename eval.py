@@ -1087,11 +1087,13 @@ def finetune_loss(model, images, captions, tokenizer, settings, cache, device):
 def finetune(enc, train_set, name, args):
     """Fine-tune a copy of enc's model on train_set with its training loss; returns the saved path."""
     settings = loss_settings(enc, args)
-    cache = semantic_cache(sorted({c for caps in train_set.captions for c in caps}), settings, args) \
-        if settings["loss"] == "alignclip" and settings["rescale"] else None
+    epochs = args.finetune_epochs or FINETUNE_EPOCHS.get(name, 8)
+    used = {pick_caption(caps, args.seed, epoch, i) for epoch in range(epochs)   # only these are looked up
+            for i, caps in enumerate(train_set.captions)}
+    cache = semantic_cache(sorted(used), settings, args) if settings["loss"] == "alignclip" and settings["rescale"] \
+        else None
     model, device = copy.deepcopy(enc.model).float().train(), enc.device
     opt = make_finetune_optimizer(model, args)
-    epochs = args.finetune_epochs or FINETUNE_EPOCHS.get(name, 8)
     transform, base = A.image_transform(model.config.image_size, train=True), train_set.base
     batch = min(args.finetune_batch_size, len(base))
     total, step = epochs * (len(base) // batch), 0
@@ -1193,6 +1195,9 @@ def similarity_inputs(args):
         missing = [p for p in args.images if not os.path.isfile(p)]
         if missing:
             raise MissingData(f"--images: no such file {missing[0]}")
+        unreadable = [p for p in args.images if A.open_rgb(p) is None]
+        if unreadable:   # else its row would silently be missing from the table
+            raise UsageError(f"--images: {unreadable[0]} cannot be read as an image (corrupt or not an image)")
         paths = list(args.images)
         s = EvalSet("images", f"files:{files_key(paths)}", base=ImageFiles(paths))
         return s, [os.path.basename(p) for p in paths], list(args.texts)
@@ -1342,6 +1347,8 @@ def add_finetune(p):
                    help="sentence encoder for the rescaling (default: the checkpoint's, else the locally "
                         "installed all-MiniLM-L6-v2; the paper used sentence-transformers/all-mpnet-base-v2)")
     g.add_argument("--save-dir", default=None, help="where the fine-tuned checkpoints go (default OUT)")
+    g.add_argument("--finetune-synthetic-size", type=int, default=1000,
+                   help="synthetic training images for fine-tuning (the linear probe uses --synthetic-train-size)")
 
 
 def add_dosnes(p):
@@ -1440,8 +1447,9 @@ def run_task(task, encoders, names, args, skipped=None):
         return task_similarity(encoders, args)
     if task == "linear-probe":
         return task_linear_probe(encoders, [(tr, te) for _, tr, te in split_pairs(names, kind, args, skipped)], args)
-    if task == "finetune-retrieval":
-        return task_finetune(encoders, split_pairs(names, kind, args, skipped), args)
+    if task == "finetune-retrieval":   # a smaller synthetic train split: `all` stays within minutes on a CPU
+        tune = argparse.Namespace(**dict(vars(args), synthetic_train_size=args.finetune_synthetic_size))
+        return task_finetune(encoders, split_pairs(names, kind, tune, skipped), args)
     sets = sets_for(kind, names, args, skipped=skipped)
     if not sets:
         return {}
@@ -1451,6 +1459,7 @@ def run_task(task, encoders, names, args, skipped=None):
 
 def run_all(encoders, args):
     results, skipped = {}, {}
+    todo = [task for task in TASKS if task not in args.skip]
     for task, (names, _) in TASKS.items():
         if task in args.skip:
             skipped[task] = "--skip"
@@ -1458,6 +1467,9 @@ def run_all(encoders, args):
         task_skipped = {}
         results[task] = run_task(task, encoders, names, args, task_skipped)
         skipped.update({f"{task}/{name}": why for name, why in task_skipped.items()})
+        todo.remove(task)   # written at once: an interrupted `all` keeps every finished table
+        write_json({"command": "all", "checkpoints": {e.label: p for e, p in zip(encoders, args.checkpoint)},
+                    "unfinished": todo, **results, "skipped": skipped}, os.path.join(args.out, "results.json"))
     by_name = {}
     for what, why in skipped.items():
         task, _, name = what.partition("/")

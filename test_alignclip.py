@@ -518,6 +518,106 @@ def test_clear_errors_on_bad_files(tmp_path):
         A.load_model(sd)
 
 
+def _shapes_only(layout, width, layers, patch, image, text_width=None, text_layers=None, head_width=64):
+    """The keys and shapes _foreign_config reads, as meta tensors: a ViT-bigG-14 costs no memory."""
+    meta = lambda *s: torch.empty(s, device="meta")
+    prefix = "visual.transformer." if layout == "openclip" else "transformer."
+    sd = {"visual.conv1.weight": meta(width, 3, patch, patch),
+          "visual.positional_embedding": meta((image // patch) ** 2 + 1, width),
+          f"{prefix}resblocks.0.mlp.c_fc.weight": meta(4 * width, width)}
+    sd.update({f"{prefix}resblocks.{i}.ln_1.weight": meta(width) for i in range(layers)})
+    if layout == "shared":
+        sd.update({"text.token_embedding.weight": meta(49408, width), "projection": meta(width, width),
+                   "text.positional_embedding": meta(77, width)})
+    else:
+        sd.update({"token_embedding.weight": meta(49408, text_width), "text_projection": meta(text_width, 512),
+                   "positional_embedding": meta(77, text_width)})
+        sd.update({f"transformer.resblocks.{i}.ln_1.weight": meta(text_width) for i in range(text_layers)})
+    return sd
+
+
+# (vision width, layers, patch, image size, vision head width, text width, text layers, text head width)
+# as in OpenCLIP's model_configs/*.json (head_width) and OpenAI's CLIP (heads = width // 64)
+RELEASED = {"ViT-B-32": (768, 12, 32, 224, 64, 512, 12, 64), "ViT-B-16": (768, 12, 16, 224, 64, 512, 12, 64),
+            "ViT-L-14": (1024, 24, 14, 224, 64, 768, 12, 64), "ViT-L-14-336": (1024, 24, 14, 336, 64, 768, 12, 64),
+            "ViT-H-14": (1280, 32, 14, 224, 80, 1024, 24, 64), "ViT-g-14": (1408, 40, 14, 224, 88, 1024, 24, 64),
+            "ViT-bigG-14": (1664, 48, 14, 224, 104, 1280, 32, 64)}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_architectures_get_their_head_counts(name):
+    w, L, p, s, hw, tw, tl, thw = RELEASED[name]
+    c = A._foreign_config(_shapes_only("openclip", w, L, p, s, tw, tl), "openclip", "gelu")
+    assert (c.width, c.layers, c.patch_size, c.image_size) == (w, L, p, s)
+    assert (c.heads, c.text_heads) == (w // hw, tw // thw)
+    shared = A._foreign_config(_shapes_only("shared", 768, 12, 16, 224), "shared", "gelu")  # the authors'
+    assert shared.heads == 12
+
+
+def test_head_count_is_never_guessed(tmp_path):
+    # the authors' layout with a head width of 32: width 64, 2 heads. Not in the table: an error, not 1 head
+    small = A.ModelConfig.preset("tiny", width=64, heads=2, layers=1, embed_dim=16, image_size=32, patch_size=8,
+                                 vocab_size=400, eot_id=399, context_length=16)
+    torch.manual_seed(0)
+    sd = A.CLIP(small).state_dict()
+    with pytest.raises(ValueError, match=r"matches no released model.*heads="):
+        A.load_model(sd)
+    torch.manual_seed(1)
+    images, tokens = torch.randn(2, 3, 32, 32), tokens_with_eot(2, 16, 399, seed=3)
+    with torch.no_grad():
+        ref = A.CLIP(small).eval()
+        ref.load_state_dict(sd)
+        want = ref(images, tokens)[:2]
+        for heads in (2, small, (2, 7)):          # an int, a ModelConfig, a pair (text heads unused: shared)
+            got = A.load_model(sd, heads=heads).eval()(images, tokens)[:2]
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="3 heads do not divide the image width 64"):
+        A.load_model(sd, heads=3)
+    # an OpenCLIP layout whose text tower is narrower than 64 (once a ZeroDivisionError)
+    narrow = A._openclip_names(A.CLIP(tiny_config(shared=False, text_width=32, text_heads=2)).state_dict())
+    with pytest.raises(ValueError, match=r"\(64, 2, 8, 32, 32, 2\) matches no released model.*heads="):
+        A.load_model(narrow)
+    assert A.load_model(narrow, heads=(2, 2)).config.text_heads == 2
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_our_presets_saved_as_bare_state_dicts_reload_exactly(shared):
+    torch.manual_seed(0)
+    # 192 wide, 4 heads (not 192 / 64); a small vocabulary only to keep the test fast
+    model = A.CLIP(A.ModelConfig.preset("tiny", shared=shared, vocab_size=300, eot_id=299)).eval()
+    loaded = A.load_model(model.state_dict()).eval()
+    assert loaded.config.heads == 4 and (shared or loaded.config.text_heads == 4)
+    images, tokens = torch.randn(2, 3, 64, 64), tokens_with_eot(2, 32, 299, seed=1)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images, tokens)[:2], loaded(images, tokens)[:2]))
+    assert A.load_model(model.state_dict(), heads="tiny").config.heads == 4   # a preset name
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = A.CLIP(tiny_config())
+    sd = model.state_dict()
+    sd["projection"][0, 0] = float("nan")
+    path = tmp_path / "diverged.pt"
+    A.save_checkpoint({"config": dataclasses.asdict(model.config), "model": sd}, path)
+    with pytest.raises(ValueError, match=r"1 of \d+ weight tensors hold NaN or inf.*projection.*diverged"):
+        A.load_model(str(path))
+    sd = random_foreign_state_dict("openclip")
+    sd["visual.proj"][1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        A.load_model(sd, heads=(2, 1))
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                   # a writer that was killed: its pid is gone
+    (tmp_path / f"last.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+    (tmp_path / f"last.pt.tmp{os.getppid()}").write_bytes(b"a live writer's")   # the parent is alive
+    (tmp_path / "other.pt.tmp1").write_bytes(b"not ours")
+    A.save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.pt")
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", f"last.pt.tmp{os.getppid()}", "other.pt.tmp1"]
+
+
 def test_trailing_padding_does_not_change_the_text_embedding():
     # encode_text drops the positions after the batch's last end token: the result must equal
     # the embedding computed on the full context, read at the end token
