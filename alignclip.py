@@ -1885,7 +1885,7 @@ class CsvPairs(Dataset):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CSV file not found: {path}")
-        how = dict({"image_key": "image_key=", "caption_key": "caption_key=", "sep": "sep="}, **(options or {}))
+        how = options or {"image_key": "image_key=", "caption_key": "caption_key=", "sep": "sep="}
         sep = sep or ("\t" if path.suffix.lower() == ".tsv" else ",")
         try:
             rows = self._read(path, image_key, caption_key, sep, how)
@@ -1904,8 +1904,8 @@ class CsvPairs(Dataset):
             for key, role in ((image_key, "image_key"), (caption_key, "caption_key")):
                 if key not in header:
                     raise ValueError(f"column {key!r} not in {path}; its columns are {header} (separator "
-                                     f"{sep!r}); choose the {role.split('_')[0]} column with {how[role]} "
-                                     f"(and the separator with {how['sep']})")
+                                     f"{sep!r}); choose the {role.split('_')[0]} column with {how[role]}"
+                                     + (f" (and the separator with {how['sep']})" if "sep" in how else ""))
             ii, ci = header.index(image_key), header.index(caption_key)
             return [(r[ii], r[ci]) if len(r) > max(ii, ci) else ("", "") for r in reader]  # short row: bad
 

@@ -495,7 +495,8 @@ def csv_set(args, split):
     if not args.csv:
         raise MissingData("no --csv given (a CSV/TSV of image paths and captions, e.g. CC3M validation)")
     try:
-        pairs = A.CsvPairs(args.csv, image_key=args.csv_image_key, caption_key=args.csv_caption_key)
+        pairs = A.CsvPairs(args.csv, image_key=args.csv_image_key, caption_key=args.csv_caption_key,
+                           options={"image_key": "--csv-image-key", "caption_key": "--csv-caption-key"})
     except (FileNotFoundError, ValueError) as e:
         raise MissingData(f"--csv: {e}") from None
     return [EvalSet(os.path.basename(args.csv), f"csv:{files_key([args.csv])}:{args.csv_image_key}",

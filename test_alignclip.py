@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 import pickle
 import random
+import re
+import signal
 import sys
 import tarfile
 import time
@@ -1896,6 +1898,168 @@ def test_csv_and_tar_data_with_bad_samples(tmp_path, monkeypatch):
     out = run(tmp_path, "--model", "alignclip", "--no-rescale", "--data", str(tmp_path / "shard-{000..000}.tar"),
               "--batch-size", "4", "--steps", "2", "--train-num-samples", "16", out="tar")
     assert len(records(out)) == 2
+
+
+def _bad_csv(folder, good, bad):
+    """A CSV of `good` readable images and `bad` rows naming files that do not exist."""
+    rows = _write_pairs(folder, good)[:good] + [(f"gone{i}.png", f"a missing picture {i}") for i in range(bad)]
+    with open(folder / "pairs.csv", "w") as f:
+        f.write("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    return str(folder / "pairs.csv")
+
+
+def test_nan_rule_never_writes_a_bad_checkpoint(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    real = T.train_step
+    poison = {}
+
+    def step(model, optimizer, *rest):   # after the update of the poisoned step, spoil the weights
+        out = real(model, optimizer, *rest)
+        step.n = getattr(step, "n", 0) + 1
+        if step.n == 3:
+            poison["fn"](optimizer.param_groups[0]["params"])
+        return out
+    monkeypatch.setattr(T, "train_step", step)
+    cases = {"are not finite": lambda ps: ps[0].data.fill_(float("inf")),
+             # finite weights whose forward overflows: once saved as "good"
+             "give a non-finite loss": lambda ps: [p.data.fill_(3e38) for p in ps if p.ndim == 4]}
+    for what, fn in cases.items():
+        poison["fn"], step.n = fn, 0
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--model", "shared", "--steps", "6", "--save-every", "1", out=what)
+        assert e.value.code == 1
+        assert f"the weights after step 3 {what}" in capsys.readouterr().out
+        kept = torch.load(tmp_path / what / "last.pt", weights_only=True)
+        assert kept["position"]["step"] == 2
+        assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_nan_loss_is_caught_before_the_end_of_epoch_checkpoint(tmp_path, monkeypatch, capsys):
+    # the issue's case (--lr 1e9): epochs of 6 steps, a log line every 100 steps, a checkpoint per epoch;
+    # only step 2's loss is NaN, so the rule must remember it, not look at the latest loss
+    small_preset(monkeypatch)
+    steps, real_loss, real_step = [], T.compute_loss, T.train_step
+
+    def loss(*a, **k):
+        value, parts = real_loss(*a, **k)
+        return (value * float("nan") if len(steps) == 2 else value), parts
+
+    monkeypatch.setattr(T, "compute_loss", loss)
+    monkeypatch.setattr(T, "train_step", lambda *a: steps.append(1) or real_step(*a))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--model", "shared", "--epochs", "2", "--log-every", "100", out="lr")
+    assert "loss is not finite at step 2: stopping" in capsys.readouterr().out
+    assert len(steps) <= 3                             # stopped at once, not at the next log line
+    assert not (tmp_path / "lr" / "last.pt").exists()  # no checkpoint at all rather than a bad one
+
+
+def test_empty_batches_are_skipped_and_counted_and_empty_epochs_are_errors(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    # batch size 1: every missing image is a batch with no pair, which the model must never see
+    out = run(tmp_path, "--model", "shared", "--data", _bad_csv(tmp_path / "mixed", 6, 3), "--batch-size", "1",
+              "--epochs", "1", out="mixed")
+    last = records(out)[-1]
+    assert last["step"] == 9 and last["empty_batches"] == last["skipped"] > 0
+    assert "batches had none usable" in capsys.readouterr().out
+    # every image missing: the epoch gives no batch, an error naming the data, not an endless loop
+    with pytest.raises(SystemExit, match=r"pairs.csv: epoch 0 gave no batch: fewer usable pairs than one batch of 8") as e:
+        run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--steps", "4", out="gone")
+    assert e.value.code == 2 and not (tmp_path / "gone" / "last.pt").exists()
+    # a long run of empty batches stops too
+    monkeypatch.setattr(T, "EMPTY_BATCHES_IN_A_ROW", 5)
+    with pytest.raises(SystemExit, match="5 batches in a row had no usable pair"):
+        run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--batch-size", "1",
+            "--steps", "4", out="gone1")
+
+
+def test_a_shard_smaller_than_one_batch_is_an_error_not_an_endless_loop(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    rows = _write_pairs(tmp_path / "imgs", 3)[:3]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for k, (p, c) in enumerate(rows):
+            tar.add(tmp_path / "imgs" / p, arcname=f"{k:05d}.png")
+            (tmp_path / f"{k}.txt").write_text(c)
+            tar.add(tmp_path / f"{k}.txt", arcname=f"{k:05d}.txt")
+    with pytest.raises(SystemExit, match="epoch 0 gave no batch") as e:
+        run(tmp_path, "--model", "shared", "--data", str(tmp_path / "shard-{000..000}.tar"), "--batch-size", "4",
+            "--train-num-samples", "8", "--epochs", "3", out="tar")
+    assert e.value.code == 2 and not (tmp_path / "tar" / "last.pt").exists()
+
+
+def test_resume_refuses_other_run_defining_options(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    run(tmp_path, "--model", "shared", "--steps", "4", "--stop-after", "2", out="r")
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "clip", "--batch-size", "4", "--steps", "4", "--resume", out="r")
+    line = str(e.value)
+    assert e.value.code == 2 and "\n" not in line
+    assert "--batch-size 8 there, 4 now" in line and "--model 'shared' there, 'clip' now" in line
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before           # nothing touched
+    run(tmp_path, "--model", "shared", "--steps", "6", "--workers", "1", "--resume", out="r")   # may change
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["position"]["step"] == 6
+
+
+def test_resume_help_lists_the_options_that_may_change(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    may = text[text.index("which may change:"):]
+    assert all(f"--{o}," in may or f"--{o} " in may for o in ("steps", "workers", "device", "epochs"))
+    assert "--batch-size" not in may.split("--stop-after")[0] and "--model," not in may
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--steps", "0"], "--steps must be at least 1, not 0 (leave --steps out"),
+    (["--steps", "-1"], "--steps must be at least 1, not -1"),
+    (["--data", "s/{0..1}.tar", "--steps", "5"], "give --train-num-samples N"),
+    (["--out", "FILE"], "is a file; give a folder"),
+    (["--out", "FILE/run"], "--out .*FILE/run: cannot create the folder or write in it .Not a directory"),
+    (["--cache-dir", "FILE/cache"], "Not a directory|File exists"),
+])
+def test_bad_arguments_end_with_one_line_before_any_work(tmp_path, monkeypatch, argv, message):
+    small_preset(monkeypatch)
+    (tmp_path / "FILE").write_text("not a folder")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+
+    def too_late(*a, **k):
+        raise AssertionError("expensive setup started before the arguments were checked")
+    if "--cache-dir" not in argv:   # the cache folder is met when the cache is built
+        for name in ("train", "from_file"):
+            monkeypatch.setattr(A.Tokenizer, name, too_late)
+        monkeypatch.setattr(A, "CLIP", too_late)
+    with pytest.raises(SystemExit) as e:
+        T.main(SMALL + ["--out", str(tmp_path / "run")] + argv + (["--cache-dir", str(tmp_path / "c")]
+                                                                  if "--cache-dir" not in argv else []))
+    assert e.value.code == 2 and "\n" not in str(e.value)
+    assert re.search(message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message,
+                     str(e.value))
+
+
+def test_ctrl_c_message_is_printed_by_the_main_process_only(monkeypatch, capsys):
+    stop = T.StopRequested()
+    try:
+        pid = os.getpid()
+        monkeypatch.setattr(os, "getpid", lambda: pid + 1)   # as in a forked data loader worker
+        stop._handler(signal.SIGINT, None)
+        assert not stop.flag and capsys.readouterr().out == ""
+        monkeypatch.setattr(os, "getpid", lambda: pid)
+        stop._handler(signal.SIGINT, None)
+        assert stop.flag and capsys.readouterr().out.count("Ctrl-C") == 1
+    finally:
+        stop.restore()
+
+
+def test_csv_errors_name_the_file_the_line_and_the_option(tmp_path, monkeypatch):
+    (tmp_path / "latin.csv").write_bytes("filepath,title\na.png,fine\nb.png,caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv: line 3 is not valid UTF-8"):
+        A.CsvPairs(tmp_path / "latin.csv")
+    small_preset(monkeypatch)
+    (tmp_path / "cols.csv").write_text("filepath,caption\na.png,hello\n")
+    with pytest.raises(SystemExit, match=r"'title'.*--csv-caption-key") as e:
+        run(tmp_path, "--data", str(tmp_path / "cols.csv"), "--steps", "1")
+    assert e.value.code == 2
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -143,9 +143,12 @@ def check_out_folder(out):
     """--out must be a folder we can write in: checked by writing in it, before any expensive work."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file; give a folder for the run")
-    os.makedirs(out, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test"):
-        pass
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder or write in it ({e.strerror})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -250,7 +253,8 @@ def open_source(path, args):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such CSV file")
         return A.CsvPairs(path, image_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                          sep=args.csv_separator)
+                          sep=args.csv_separator, options={"image_key": "--csv-img-key",
+                                                           "caption_key": "--csv-caption-key", "sep": "--csv-separator"})
     if ".tar" in path:
         return path  # shards are opened per epoch, see make_loader; existence checked here
     raise ValueError(f"--data {path!r}: expected 'synthetic', a .csv/.tsv file or .tar shards")
