@@ -1751,6 +1751,48 @@ def test_dosnes_and_similarity(ev, one_thread):
     assert sim["texts"] == texts and sim["images"] == ["img0050.png", "img0056.png"]
 
 
+def test_eval_refuses_a_diverged_checkpoint_and_an_unreadable_image(ev, tmp_path, one_thread):
+    obj = torch.load(ev["align"], weights_only=True)
+    obj["model"] = {k: torch.full_like(v, float("nan")) for k, v in obj["model"].items()}
+    torch.save(obj, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match=r"nan.pt: \d+ of \d+ weight tensors hold NaN or inf.*diverged") as e:
+        E.main(["alignment", "--checkpoint", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "o"),
+                "--workers", "0", "--synthetic-size", "4"])
+    assert e.value.code != 0
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(SystemExit, match="broken.jpg cannot be read as an image") as e:
+        run_eval(ev, "similarity", "--images", str(tmp_path / "broken.jpg"), "--texts", "a dog", checkpoints=("align",))
+    assert e.value.code != 0
+
+
+def test_all_writes_each_result_as_soon_as_it_exists(ev, monkeypatch, one_thread):
+    real = E.run_task
+
+    def interrupted(task, *a, **k):
+        if task == "dosnes":
+            raise KeyboardInterrupt
+        return real(task, *a, **k)
+    monkeypatch.setattr(E, "run_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(ev, "all", "--skip", "zeroshot,linear-probe,finetune-retrieval", out="cut")
+    saved = json.load(open(ev["root"] / "cut" / "results.json"))
+    assert saved["unfinished"] == ["dosnes", "similarity"]
+    assert "Synthetic" in saved["alignment"] and "Synthetic" in saved["retrieval"]
+
+
+def test_synthetic_finetune_is_small_by_default_and_encodes_only_the_captions_it_uses(ev, monkeypatch, one_thread):
+    assert E.build_parser().parse_args(["all", "--checkpoint", "x"]).finetune_synthetic_size == 1000
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
+    seen = []
+    real = E.semantic_cache
+    monkeypatch.setattr(E, "semantic_cache", lambda captions, *a: seen.append(captions) or real(captions, *a))
+    run_eval(ev, "finetune-retrieval", "--finetune-synthetic-size", "6", "--finetune-epochs", "2",
+             "--finetune-batch-size", "3", "--semantic-model", "fake-sbert", checkpoints=("align",))
+    scenes = A.SyntheticScenes("train", size=6)
+    want = {E.pick_caption(scenes.captions(i), 0, epoch, i) for epoch in range(2) for i in range(6)}
+    assert seen == [sorted(want)]          # 6 images x 2 epochs, not the 5 captions of 5000 images
+
+
 def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, one_thread):
     calls = []
     real = E.Encoder._encode_images
