@@ -1509,8 +1509,8 @@ def main(argv=None):
     """Run one subcommand; returns its results (also written to OUT/<command>.json or results.json)."""
     args = build_parser().parse_args(argv)
     args.cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(args.out, "cache"))
-    os.makedirs(args.out, exist_ok=True)
     try:
+        os.makedirs(args.out, exist_ok=True)
         labels = checkpoint_labels(args.checkpoint, args.label)
         encoders = [Encoder(path, label, args) for path, label in zip(args.checkpoint, labels)]
         if args.command == "all":
@@ -1518,7 +1518,7 @@ def main(argv=None):
         else:
             names = getattr(args, "datasets", [])
             results, name = run_task(args.command, encoders, names, args), f"{args.command}.json"
-    except UsageError as e:
+    except (UsageError, OSError) as e:   # OSError: an --out or cache folder we cannot write
         raise SystemExit(f"eval.py {args.command}: error: {e}") from None
     groups = {g: [labels[i] for i in pos] for g, pos in seed_groups(args.label).items()}
     if groups:
