@@ -426,6 +426,17 @@ def weights_and_probe_finite(raw, batch, args, device, dtype, world):
     return flags.tolist()
 
 
+def why_not_save(watch, raw, batch, args, device, dtype, world, step):
+    """The NaN rule: None if a checkpoint may be written after `step`, else the reason why not."""
+    bad = watch.first_bad()
+    if bad is not None:
+        return f"loss is not finite at step {bad}"
+    weights_ok, probe_ok = weights_and_probe_finite(raw, batch, args, device, dtype, world)
+    if not weights_ok:
+        return f"the weights after step {step} are not finite"
+    return None if probe_ok else f"the weights after step {step} give a non-finite loss on the step's batch"
+
+
 def nan_stop(what, ckpt_path, kept_step):
     kept = (f"{ckpt_path} (step {kept_step})" if kept_step is not None else
             "none (no checkpoint was written by this run)")
@@ -547,13 +558,10 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
 
     def checkpoint():
         """The NaN rule, then an atomic write; False: the run must stop, nothing was written."""
-        bad = watch.first_bad()
-        weights_ok, probe_ok = (weights_and_probe_finite(raw, kept["batch"], args, device, dtype, world)
-                                if bad is None else (True, True))
-        if bad is not None or not (weights_ok and probe_ok):
-            what = ("are not finite" if not weights_ok else "give a non-finite loss on the step's batch")
-            nan_stop(f"loss is not finite at step {bad}" if bad is not None else
-                     f"the weights after step {pos['step']} {what}", ckpt_path, kept["step"])
+        why = why_not_save(watch, raw, kept["batch"], args, device, dtype, world, pos["step"])
+        if why:
+            bar.close()
+            nan_stop(why, ckpt_path, kept["step"])
             return False
         if main:
             save(ckpt_path, raw, optimizer, scaler, tokenizer, args, dict(pos), world)
@@ -602,7 +610,6 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
                 bar.write("val " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
                 log.write(json.dumps({"step": pos["step"], "val": res}) + "\n")
             if must_save and not checkpoint():
-                bar.close()
                 return "nan"
             if stop.flag or pos["step"] == args.stop_after:
                 bar.close()
@@ -615,7 +622,6 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
                                  f"{skipped} samples were skipped as unreadable or without a caption")
             pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
             if not checkpoint():
-                bar.close()
                 return "nan"
     bar.close()
     if not checkpoint():
