@@ -769,8 +769,8 @@ def _require(sd: dict, keys, layout: str) -> None:
 # released models do not share one head width: ViT-H-14's is 80, g-14's 88, bigG-14's 104. So a
 # foreign file's heads come from this table of released architectures, matched by shape, or from the
 # caller (load_model's heads=); never from a guess such as W / 64.
-#   two towers: (width, layers, patch, image size, text width, text layers) -> (heads, text heads)
-#   shared:     (width, layers, patch, image size)                           -> heads
+#   two towers: (width, layers, patch, image size, text width, text layers) -> (name, heads, text heads)
+#   shared:     (width, layers, patch, image size)                           -> (name, heads)
 RELEASED_TWO_TOWER = {  # OpenAI's and OpenCLIP's ViTs (open_clip/model_configs/*.json)
     (768, 12, 32, 224, 512, 12): ("ViT-B-32", 12, 8),
     (768, 12, 16, 224, 512, 12): ("ViT-B-16", 12, 8),
