@@ -1976,6 +1976,14 @@ def test_nan_rule_never_writes_a_bad_checkpoint(tmp_path, monkeypatch, capsys):
         assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
+def test_non_finite_watch_remembers_the_first_bad_step():
+    watch = T.NonFiniteWatch(torch.device("cpu"))
+    for step, loss in enumerate([1.0, 2.0, float("nan"), 3.0, float("inf")], 1):
+        watch.update(torch.tensor(loss), step)
+        assert watch.poll() == watch.first_bad() == (None if step < 3 else 3)
+    assert T.NonFiniteWatch(torch.device("cpu"), world=2).poll() is None   # DDP: read at log lines only
+
+
 def test_nan_loss_is_caught_before_the_end_of_epoch_checkpoint(tmp_path, monkeypatch, capsys):
     # the issue's case (--lr 1e9): epochs of 6 steps, a log line every 100 steps, a checkpoint per epoch;
     # only step 2's loss is NaN, so the rule must remember it, not look at the latest loss
