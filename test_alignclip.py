@@ -1981,7 +1981,9 @@ def test_non_finite_watch_remembers_the_first_bad_step():
     for step, loss in enumerate([1.0, 2.0, float("nan"), 3.0, float("inf")], 1):
         watch.update(torch.tensor(loss), step)
         assert watch.poll() == watch.first_bad() == (None if step < 3 else 3)
-    assert T.NonFiniteWatch(torch.device("cpu"), world=2).poll() is None   # DDP: read at log lines only
+    ddp = T.NonFiniteWatch(torch.device("cpu"), world=2)
+    ddp.update(torch.tensor(float("nan")), 1)
+    assert ddp.poll() is None and ddp.first_bad() == 1   # DDP: all ranks read it at the same log line
 
 
 def test_nan_loss_is_caught_before_the_end_of_epoch_checkpoint(tmp_path, monkeypatch, capsys):
