@@ -2052,6 +2052,15 @@ def test_resume_refuses_other_run_defining_options(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["position"]["step"] == 6
 
 
+def test_options_newer_than_a_saved_run_count_as_their_default():
+    before = vars(T.parse_args(["--model", "shared"]))
+    del before["alpha"]                                   # a run saved before --alpha existed
+    assert T.changed_options(before, vars(T.parse_args(["--model", "shared"])), T.NOT_RESULTS) == ""
+    now = vars(T.parse_args(["--model", "clip", "--alpha", "2", "--workers", "7"]))
+    assert T.changed_options(before, now, T.NOT_RESULTS) == ("--alpha 1.0 there, 2.0 now; "
+                                                             "--model 'shared' there, 'clip' now")
+
+
 def test_resume_help_lists_the_options_that_may_change(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--help"])

@@ -716,9 +716,12 @@ RESUME_MAY_CHANGE = NOT_RESULTS | {"steps", "epochs", "eval_every", "compile", "
 
 
 def changed_options(before: dict, now: dict, may_change: set) -> str:
-    """One line naming every option of `now` that differs from `before` (saved args), or ''."""
-    changed = sorted(k for k in now if k not in may_change and before.get(k) != now[k])
-    return "; ".join(f"--{k.replace('_', '-')} {before.get(k)!r} there, {now[k]!r} now" for k in changed)
+    """One line naming every option of `now` that differs from `before` (saved args), or ''.
+    An option newer than the saved run is absent from its args: it ran with the default."""
+    default = vars(parse_args([]))
+    before = {k: before.get(k, default.get(k)) for k in now}
+    changed = sorted(k for k in now if k not in may_change and before[k] != now[k])
+    return "; ".join(f"--{k.replace('_', '-')} {before[k]!r} there, {now[k]!r} now" for k in changed)
 
 
 def check_resume_options(ckpt, args, path, world):
