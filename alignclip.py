@@ -600,6 +600,7 @@ def save_checkpoint(obj: dict, path) -> None:
     mid-write never leaves a truncated checkpoint behind, and the previous one survives."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
@@ -607,6 +608,30 @@ def save_checkpoint(obj: dict, path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path) -> list:
+    """Delete `path`.tmpPID files left by writers that were killed mid-write (SIGKILL, power loss):
+    those whose process no longer exists. A live writer's file is left alone. Returns the removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for entry in os.listdir(folder):
+        pid = entry[len(name) + 4:]
+        if not (entry.startswith(name + ".tmp") and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)      # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # alive under another user / not a pid
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+            removed.append(entry)
+        except FileNotFoundError:     # another process cleaned it first
+            pass
+    return removed
 
 
 def read_checkpoint(path) -> dict:
@@ -637,24 +662,94 @@ def _require(sd: dict, keys, layout: str) -> None:
         raise ValueError(f"state dict looks like the {layout} layout but lacks: {shown}")
 
 
-def _foreign_config(sd: dict, layout: str, activation: str) -> ModelConfig:
-    """Infer a ModelConfig from tensor shapes (heads = width / 64, as in every released ViT-B)."""
+# Head counts cannot be read from a state dict (in_proj_weight is [3W, W] for any head count), and
+# released models do not share one head width: ViT-H-14's is 80, g-14's 88, bigG-14's 104. So a
+# foreign file's heads come from this table of released architectures, matched by shape, or from the
+# caller (load_model's heads=); never from a guess such as W / 64.
+#   two towers: (width, layers, patch, image size, text width, text layers) -> (name, heads, text heads)
+#   shared:     (width, layers, patch, image size)                           -> (name, heads)
+RELEASED_TWO_TOWER = {  # OpenAI's and OpenCLIP's ViTs (open_clip/model_configs/*.json)
+    (768, 12, 32, 224, 512, 12): ("ViT-B-32", 12, 8),
+    (768, 12, 16, 224, 512, 12): ("ViT-B-16", 12, 8),
+    (1024, 24, 14, 224, 768, 12): ("ViT-L-14", 16, 12),
+    (1024, 24, 14, 336, 768, 12): ("ViT-L-14-336", 16, 12),
+    (1280, 32, 14, 224, 1024, 24): ("ViT-H-14", 16, 16),
+    (1408, 40, 14, 224, 1024, 24): ("ViT-g-14", 16, 16),
+    (1664, 48, 14, 224, 1280, 32): ("ViT-bigG-14", 16, 20),
+}
+RELEASED_SHARED = {(768, 12, 16, 224): ("SharedCLIP/AlignCLIP ViT-B-16", 12)}  # the authors' weights
+
+
+def _known_heads(shape: tuple, shared: bool):
+    """(name, heads[, text heads]) of a released architecture or of one of our presets, or None."""
+    table = RELEASED_SHARED if shared else RELEASED_TWO_TOWER
+    if shape in table:
+        return table[shape]
+    for name in ("tiny", "ViT-B-16"):  # our presets, saved as a bare state dict
+        c = ModelConfig.preset(name, shared=shared)
+        own = (c.width, c.layers, c.patch_size, c.image_size) + (() if shared else (c.text_width, c.text_layers))
+        if own == shape:
+            return (f"preset {name}", c.heads) + (() if shared else (c.text_heads,))
+    return None
+
+
+def _explicit_heads(heads):
+    """heads= of load_model -> (heads, text heads): an int (every tower), a pair
+    (image or shared tower, text tower), a ModelConfig, or a preset name."""
+    if isinstance(heads, str):
+        heads = ModelConfig.preset(heads)
+    if isinstance(heads, ModelConfig):
+        return heads.heads, heads.text_heads
+    if isinstance(heads, int):
+        return heads, heads
+    if isinstance(heads, (tuple, list)) and len(heads) == 2:
+        return tuple(heads)
+    raise ValueError(f"heads={heads!r}: give an int, an (image, text) pair, a ModelConfig or a preset name")
+
+
+def _resolve_heads(shape: tuple, shared: bool, heads):
+    """The head counts of a foreign file: heads= if given, else the table; each must divide its width."""
+    if heads is not None:
+        found = _explicit_heads(heads)[: 1 if shared else 2]
+    else:
+        known = _known_heads(shape, shared)
+        if known is None:
+            what = "width, layers, patch, image size" + ("" if shared else ", text width, text layers")
+            raise ValueError(f"the head count of this architecture cannot be read from the weights and "
+                             f"({what}) = {shape} matches no released model; pass it: load_model(..., "
+                             "heads=H) or heads=(image heads, text heads) (eval.py: --heads H "
+                             "[--text-heads H])")
+        found = known[1:]
+    widths = shape[:1] if shared else (shape[0], shape[4])
+    for h, w, tower in zip(found, widths, ("image", "text")):
+        if not isinstance(h, int) or h < 1 or w % h:
+            raise ValueError(f"{h!r} heads do not divide the {tower} width {w}; pass the model's head count")
+    return found
+
+
+def _foreign_config(sd: dict, layout: str, activation: str, heads=None) -> ModelConfig:
+    """Infer a ModelConfig from tensor shapes; the head counts from _resolve_heads."""
     visual_prefix = "visual.transformer." if layout == "openclip" else "transformer."
     _require(sd, ["visual.conv1.weight", "visual.positional_embedding", f"{visual_prefix}resblocks.0.ln_1.weight"], layout)
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
     mlp_ratio = sd[f"{visual_prefix}resblocks.0.mlp.c_fc.weight"].shape[0] / width
-    common = dict(image_size=grid * patch, patch_size=patch, width=width, heads=width // 64,
-                  layers=_count_blocks(sd, visual_prefix), mlp_ratio=mlp_ratio, activation=activation)
+    layers = _count_blocks(sd, visual_prefix)
+    common = dict(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                  mlp_ratio=mlp_ratio, activation=activation)
+    shape = (width, layers, patch, grid * patch)
     if layout == "shared":
         vocab, _ = sd["text.token_embedding.weight"].shape
-        return ModelConfig(**common, shared=True, embed_dim=sd["projection"].shape[1], vocab_size=vocab,
-                           eot_id=vocab - 1, context_length=sd["text.positional_embedding"].shape[0])
+        (n_heads,) = _resolve_heads(shape, True, heads)
+        return ModelConfig(**common, heads=n_heads, shared=True, embed_dim=sd["projection"].shape[1],
+                           vocab_size=vocab, eot_id=vocab - 1,
+                           context_length=sd["text.positional_embedding"].shape[0])
     vocab, text_width = sd["token_embedding.weight"].shape
-    return ModelConfig(**common, shared=False, embed_dim=sd["text_projection"].shape[1],
-                       text_width=text_width, text_heads=text_width // 64,
-                       text_layers=_count_blocks(sd, "transformer."), vocab_size=vocab,
-                       eot_id=vocab - 1, context_length=sd["positional_embedding"].shape[0])
+    text_layers = _count_blocks(sd, "transformer.")
+    n_heads, text_heads = _resolve_heads(shape + (text_width, text_layers), False, heads)
+    return ModelConfig(**common, heads=n_heads, shared=False, embed_dim=sd["text_projection"].shape[1],
+                       text_width=text_width, text_heads=text_heads, text_layers=text_layers,
+                       vocab_size=vocab, eot_id=vocab - 1, context_length=sd["positional_embedding"].shape[0])
 
 
 def _rename_openclip(sd: dict) -> dict:
@@ -671,6 +766,18 @@ def _rename_openclip(sd: dict) -> dict:
                  "positional_embedding": "text.positional_embedding"}.get(k, k)
         out[k] = v
     return out
+
+
+def _openclip_names(sd: dict) -> dict:
+    """The inverse of _rename_openclip: our two-tower keys -> OpenCLIP's."""
+    back = {"ln_post.weight": "visual.ln_post.weight", "ln_post.bias": "visual.ln_post.bias",
+            "projection": "visual.proj", "text.token_embedding.weight": "token_embedding.weight",
+            "text.positional_embedding": "positional_embedding"}
+    def name(k):
+        if k.startswith("transformer."):
+            return "visual." + k
+        return k[len("text_"):] if k.startswith("text_transformer.") else back.get(k, k)
+    return {name(k): v for k, v in sd.items()}
 
 
 def _unwrap_state_dict(obj: dict) -> dict:
@@ -697,13 +804,24 @@ def _load_weights(model: CLIP, sd: dict, layout: str) -> CLIP:
     return model
 
 
-def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: bool = False):
+def _check_finite(sd: dict) -> None:
+    """A diverged run's weights (NaN or inf) would evaluate to plausible-looking numbers: refuse them."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(sd)} weight tensors hold NaN or inf values (e.g. {bad[0]}): "
+                         "the run that wrote them diverged; use an earlier checkpoint")
+
+
+def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: bool = False, heads=None):
     """Build a CLIP from (a) this project's checkpoints, (b) the authors' SharedCLIP/AlignCLIP files,
     or (c) OpenCLIP-format CLIP state dicts (OpenAI's weights: activation="quick_gelu").
 
     A `state_dict` wrapper and DistributedDataParallel's `module.` prefixes are accepted. Foreign
-    files do not record their activation, so it must be given. With with_tokenizer=True returns
-    (model, tokenizer), the tokenizer being the one stored in our checkpoints (None for others).
+    files do not record their activation, so it must be given, nor their head counts: released
+    architectures (RELEASED_TWO_TOWER, RELEASED_SHARED) and our presets are recognised by shape;
+    any other needs heads= (an int, an (image, text) pair, a ModelConfig or a preset name).
+    Weights holding NaN or inf are refused. With with_tokenizer=True returns (model, tokenizer),
+    the tokenizer being the one stored in our checkpoints (None for others).
     """
     obj = path_or_state_dict
     if not isinstance(obj, dict):
@@ -711,25 +829,28 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
     merges = None
     if "config" in obj and "model" in obj:       # (a) our own checkpoint: no guessing
         config = ModelConfig.from_dict(obj["config"])
-        model = _load_weights(CLIP(config), _unwrap_state_dict(obj["model"]), "alignclip")
+        sd, layout = _unwrap_state_dict(obj["model"]), "alignclip"
         merges = obj.get("tokenizer")
     else:
         sd = _unwrap_state_dict(obj)
+        if "text_transformer.resblocks.0.ln_1.weight" in sd:   # our two-tower CLIP as a bare state dict
+            sd = _openclip_names(sd)
         if "projection" in sd and "text.token_embedding.weight" in sd:      # (b) SharedCLIP/AlignCLIP
             sd = {k: v for k, v in sd.items() if k != "text.text_projection"}  # stored but never used
-            config = _foreign_config(sd, "shared", activation)
-            model = _load_weights(CLIP(config), sd, "SharedCLIP/AlignCLIP")
+            config, layout = _foreign_config(sd, "shared", activation, heads), "SharedCLIP/AlignCLIP"
         elif "visual.proj" in sd or "text_projection" in sd:                 # (c) OpenCLIP / OpenAI
             _require(sd, ["visual.proj", "text_projection", "token_embedding.weight",
                           "positional_embedding", "ln_final.weight"], "OpenCLIP")
-            config = _foreign_config(sd, "openclip", activation)
-            sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-            model = _load_weights(CLIP(config), _rename_openclip(sd), "OpenCLIP")
+            config, layout = _foreign_config(sd, "openclip", activation, heads), "OpenCLIP"
+            sd = _rename_openclip({k: v for k, v in sd.items()
+                                   if k not in ("input_resolution", "context_length", "vocab_size")})
         else:
             raise ValueError("unrecognised checkpoint layout: expected this project's checkpoint "
                              "('config' and 'model'), the SharedCLIP layout ('projection', "
                              "'text.token_embedding.weight') or the OpenCLIP layout ('visual.proj', "
                              f"'text_projection'); found keys such as {sorted(sd)[:5]}")
+    _check_finite(sd)
+    model = _load_weights(CLIP(config), sd, layout)
     if with_tokenizer:
         return model, (Tokenizer([tuple(m.split(" ")) for m in merges]) if merges else None)
     return model
@@ -1754,26 +1875,38 @@ class CsvPairs(Dataset):
 
     sep=None: tab for .tsv, comma otherwise. Relative paths resolve against root (default: the
     CSV's folder). Item i is (PIL RGB image, caption) or None if the image cannot be read or the
-    caption is empty. A missing file or column fails here, before any training starts.
+    caption is empty. A missing file or column, or text that is not UTF-8, fails here, before any
+    training starts; options= names how the caller's user sets image_key, caption_key and sep
+    (train.py: its --csv-* flags) for the error messages.
     """
 
-    def __init__(self, path, image_key="filepath", caption_key="title", sep=None, root=None):
+    def __init__(self, path, image_key="filepath", caption_key="title", sep=None, root=None, options=None):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CSV file not found: {path}")
+        how = options or {"image_key": "image_key=", "caption_key": "caption_key=", "sep": "sep="}
         sep = sep or ("\t" if path.suffix.lower() == ".tsv" else ",")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=sep)
-            header = next(reader, [])
-            for key in (image_key, caption_key):
-                if key not in header:
-                    raise ValueError(f"column {key!r} not in {path}; its columns are {header} "
-                                     f"(separator {sep!r}; choose columns with image_key= / caption_key=)")
-            ii, ci = header.index(image_key), header.index(caption_key)
-            rows = [(r[ii], r[ci]) if len(r) > max(ii, ci) else ("", "") for r in reader]  # short row: bad
+        try:
+            rows = self._read(path, image_key, caption_key, sep, how)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: line {_first_bad_utf8_line(path)} is not valid UTF-8; save the file "
+                             "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
         self.root = Path(root) if root is not None else path.parent
         self.paths = [p for p, _ in rows]
         self.texts = [c.strip() for _, c in rows]
+
+    @staticmethod
+    def _read(path, image_key, caption_key, sep, how):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = next(reader, [])
+            for key, role in ((image_key, "image_key"), (caption_key, "caption_key")):
+                if key not in header:
+                    raise ValueError(f"column {key!r} not in {path}; its columns are {header} (separator "
+                                     f"{sep!r}); choose the {role.split('_')[0]} column with {how[role]}"
+                                     + (f" (and the separator with {how['sep']})" if "sep" in how else ""))
+            ii, ci = header.index(image_key), header.index(caption_key)
+            return [(r[ii], r[ci]) if len(r) > max(ii, ci) else ("", "") for r in reader]  # short row: bad
 
     def __len__(self):
         return len(self.paths)
@@ -1787,6 +1920,17 @@ class CsvPairs(Dataset):
     def caption_list(self):
         """The non-empty captions in file order (those an item can carry)."""
         return [c for c in self.texts if c]
+
+
+def _first_bad_utf8_line(path):
+    """1-based number of the first line of a file that does not decode as UTF-8 (the error path only)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return "?"
 
 
 def expand_braces(pattern):

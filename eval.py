@@ -497,7 +497,8 @@ def csv_set(args, split):
     if not args.csv:
         raise MissingData("no --csv given (a CSV/TSV of image paths and captions, e.g. CC3M validation)")
     try:
-        pairs = A.CsvPairs(args.csv, image_key=args.csv_image_key, caption_key=args.csv_caption_key)
+        pairs = A.CsvPairs(args.csv, image_key=args.csv_image_key, caption_key=args.csv_caption_key,
+                           options={"image_key": "--csv-image-key", "caption_key": "--csv-caption-key"})
     except (FileNotFoundError, ValueError) as e:
         raise MissingData(f"--csv: {e}") from None
     return [EvalSet(os.path.basename(args.csv), f"csv:{files_key([args.csv])}:{args.csv_image_key}",
@@ -565,7 +566,8 @@ class Encoder:
         try:
             obj = A.read_checkpoint(self.path)
             self.train_args = obj.get("args") if "config" in obj else None
-            model, tokenizer = A.load_model(obj, activation=self.args.activation, with_tokenizer=True)
+            model, tokenizer = A.load_model(obj, activation=self.args.activation, with_tokenizer=True,
+                                            heads=foreign_heads(self.args))
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--checkpoint {self.path}: {e}") from None
         del obj
@@ -605,7 +607,7 @@ class Encoder:
         tok = self.args.tokenizer
         precision = "bf16" if self.device.type == "cuda" else "fp32"   # bf16 embeddings differ slightly
         return [self.path, st.st_size, st.st_mtime_ns, self.args.activation, precision,
-                files_key([tok]) if tok else None]
+                files_key([tok]) if tok else None] + ([foreign_heads(self.args)] if self.args.heads else [])
 
     def _cached(self, kind, identity, compute):
         key = hashlib.sha1(json.dumps([self._fingerprint(), kind, identity]).encode()).hexdigest()[:24]
@@ -673,6 +675,15 @@ class Encoder:
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def foreign_heads(args):
+    """--heads / --text-heads as load_model's heads= (None: from the table of released models)."""
+    if args.text_heads is not None and args.heads is None:
+        raise UsageError("--text-heads needs --heads (the image tower's, or the shared transformer's)")
+    if args.heads is None:
+        return None
+    return args.heads if args.text_heads is None else (args.heads, args.text_heads)
 
 
 def class_targets(s, labels):
@@ -1079,11 +1090,13 @@ def finetune_loss(model, images, captions, tokenizer, settings, cache, device):
 def finetune(enc, train_set, name, args):
     """Fine-tune a copy of enc's model on train_set with its training loss; returns the saved path."""
     settings = loss_settings(enc, args)
-    cache = semantic_cache(sorted({c for caps in train_set.captions for c in caps}), settings, args) \
-        if settings["loss"] == "alignclip" and settings["rescale"] else None
+    epochs = args.finetune_epochs or FINETUNE_EPOCHS.get(name, 8)
+    used = {pick_caption(caps, args.seed, epoch, i) for epoch in range(epochs)   # only these are looked up
+            for i, caps in enumerate(train_set.captions)}
+    cache = semantic_cache(sorted(used), settings, args) if settings["loss"] == "alignclip" and settings["rescale"] \
+        else None
     model, device = copy.deepcopy(enc.model).float().train(), enc.device
     opt = make_finetune_optimizer(model, args)
-    epochs = args.finetune_epochs or FINETUNE_EPOCHS.get(name, 8)
     transform, base = A.image_transform(model.config.image_size, train=True), train_set.base
     batch = min(args.finetune_batch_size, len(base))
     total, step = epochs * (len(base) // batch), 0
@@ -1185,6 +1198,9 @@ def similarity_inputs(args):
         missing = [p for p in args.images if not os.path.isfile(p)]
         if missing:
             raise MissingData(f"--images: no such file {missing[0]}")
+        unreadable = [p for p in args.images if A.open_rgb(p) is None]
+        if unreadable:   # else its row would silently be missing from the table
+            raise UsageError(f"--images: {unreadable[0]} cannot be read as an image (corrupt or not an image)")
         paths = list(args.images)
         s = EvalSet("images", f"files:{files_key(paths)}", base=ImageFiles(paths))
         return s, [os.path.basename(p) for p in paths], list(args.texts)
@@ -1295,6 +1311,11 @@ def add_common(p):
     g.add_argument("--tokenizer", default=None, metavar="MERGES",
                    help="BPE merges file (CLIP's bpe_simple_vocab_16e6.txt.gz); default: the one stored in "
                         "this project's checkpoints; required for foreign checkpoints")
+    g.add_argument("--heads", type=int, default=None,
+                   help="attention heads of a foreign checkpoint whose shape matches no released model "
+                        "(OpenAI/OpenCLIP ViT-B-32 ... bigG-14 and the authors' SharedCLIP are known); "
+                        "also the text tower's unless --text-heads")
+    g.add_argument("--text-heads", type=int, default=None, help="attention heads of a foreign CLIP's text tower")
     g = p.add_argument_group("compute")
     g.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -1395,6 +1416,8 @@ def add_finetune(p):
                    help="sentence encoder for the rescaling (default: the checkpoint's, else the locally "
                         "installed all-MiniLM-L6-v2; the paper used sentence-transformers/all-mpnet-base-v2)")
     g.add_argument("--save-dir", default=None, help="where the fine-tuned checkpoints go (default OUT)")
+    g.add_argument("--finetune-synthetic-size", type=int, default=1000,
+                   help="synthetic training images for fine-tuning (the linear probe uses --synthetic-train-size)")
 
 
 def add_dosnes(p):
@@ -1501,8 +1524,9 @@ def run_task(task, encoders, names, args, skipped=None):
         return task_similarity(encoders, args)
     if task == "linear-probe":
         return task_linear_probe(encoders, [(tr, te) for _, tr, te in split_pairs(names, kind, args, skipped)], args)
-    if task == "finetune-retrieval":
-        return task_finetune(encoders, split_pairs(names, kind, args, skipped), args)
+    if task == "finetune-retrieval":   # a smaller synthetic train split: `all` stays within minutes on a CPU
+        tune = argparse.Namespace(**dict(vars(args), synthetic_train_size=args.finetune_synthetic_size))
+        return task_finetune(encoders, split_pairs(names, kind, tune, skipped), args)
     sets = sets_for(kind, names, args, skipped=skipped)
     if not sets:
         return {}
@@ -1512,6 +1536,7 @@ def run_task(task, encoders, names, args, skipped=None):
 
 def run_all(encoders, args):
     results, skipped = {}, {}
+    todo = [task for task in TASKS if task not in args.skip]
     for task, (names, _) in TASKS.items():
         if task in args.skip:
             skipped[task] = "--skip"
@@ -1519,6 +1544,9 @@ def run_all(encoders, args):
         task_skipped = {}
         results[task] = run_task(task, encoders, names, args, task_skipped)
         skipped.update({f"{task}/{name}": why for name, why in task_skipped.items()})
+        todo.remove(task)   # written at once: an interrupted `all` keeps every finished table
+        write_json({"command": "all", "checkpoints": {e.label: p for e, p in zip(encoders, args.checkpoint)},
+                    "unfinished": todo, **results, "skipped": skipped}, os.path.join(args.out, "results.json"))
     by_name = {}
     for what, why in skipped.items():
         task, _, name = what.partition("/")
@@ -1563,8 +1591,8 @@ def main(argv=None):
             print(f"eval.py curves: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     args.cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(args.out, "cache"))
-    os.makedirs(args.out, exist_ok=True)
     try:
+        os.makedirs(args.out, exist_ok=True)
         labels = checkpoint_labels(args.checkpoint, args.label)
         encoders = [Encoder(path, label, args) for path, label in zip(args.checkpoint, labels)]
         if args.command == "all":
@@ -1572,7 +1600,7 @@ def main(argv=None):
         else:
             names = getattr(args, "datasets", [])
             results, name = run_task(args.command, encoders, names, args), f"{args.command}.json"
-    except UsageError as e:
+    except (UsageError, OSError) as e:   # OSError: an --out or cache folder we cannot write
         raise SystemExit(f"eval.py {args.command}: error: {e}") from None
     groups = {g: [labels[i] for i in pos] for g, pos in seed_groups(args.label).items()}
     if groups:

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 import pickle
 import random
+import re
+import signal
 import sys
 import tarfile
 import time
@@ -518,7 +520,7 @@ def test_foreign_layout_matches_reference_forward(tmp_path, layout, act):
     wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}  # DDP + wrapper
     path = tmp_path / "weights.pt"
     torch.save(wrapped, path)
-    model = A.load_model(str(path), activation=act).eval()
+    model = A.load_model(str(path), activation=act, heads=(2, 1)).eval()   # 128 and 64 wide: no table entry
     assert model.config.shared == (layout == "shared")
     assert model.config.activation == act
     torch.manual_seed(1)
@@ -556,15 +558,115 @@ def test_clear_errors_on_bad_files(tmp_path):
     sd = random_foreign_state_dict("shared")
     del sd["transformer.resblocks.1.mlp.c_fc.bias"]
     with pytest.raises(ValueError, match=r"missing: transformer\.resblocks\.1\.mlp\.c_fc\.bias"):
-        A.load_model(sd)
+        A.load_model(sd, heads=2)
     sd = random_foreign_state_dict("openclip")
     sd["ln_final.weight"] = torch.ones(65)
     with pytest.raises(ValueError, match="shape mismatch: text_ln_final|shape mismatch"):
-        A.load_model(sd)
+        A.load_model(sd, heads=(2, 1))
     sd = random_foreign_state_dict("openclip")
     del sd["text_projection"]
     with pytest.raises(ValueError, match="lacks: text_projection"):
         A.load_model(sd)
+
+
+def _shapes_only(layout, width, layers, patch, image, text_width=None, text_layers=None, head_width=64):
+    """The keys and shapes _foreign_config reads, as meta tensors: a ViT-bigG-14 costs no memory."""
+    meta = lambda *s: torch.empty(s, device="meta")
+    prefix = "visual.transformer." if layout == "openclip" else "transformer."
+    sd = {"visual.conv1.weight": meta(width, 3, patch, patch),
+          "visual.positional_embedding": meta((image // patch) ** 2 + 1, width),
+          f"{prefix}resblocks.0.mlp.c_fc.weight": meta(4 * width, width)}
+    sd.update({f"{prefix}resblocks.{i}.ln_1.weight": meta(width) for i in range(layers)})
+    if layout == "shared":
+        sd.update({"text.token_embedding.weight": meta(49408, width), "projection": meta(width, width),
+                   "text.positional_embedding": meta(77, width)})
+    else:
+        sd.update({"token_embedding.weight": meta(49408, text_width), "text_projection": meta(text_width, 512),
+                   "positional_embedding": meta(77, text_width)})
+        sd.update({f"transformer.resblocks.{i}.ln_1.weight": meta(text_width) for i in range(text_layers)})
+    return sd
+
+
+# (vision width, layers, patch, image size, vision head width, text width, text layers, text head width)
+# as in OpenCLIP's model_configs/*.json (head_width) and OpenAI's CLIP (heads = width // 64)
+RELEASED = {"ViT-B-32": (768, 12, 32, 224, 64, 512, 12, 64), "ViT-B-16": (768, 12, 16, 224, 64, 512, 12, 64),
+            "ViT-L-14": (1024, 24, 14, 224, 64, 768, 12, 64), "ViT-L-14-336": (1024, 24, 14, 336, 64, 768, 12, 64),
+            "ViT-H-14": (1280, 32, 14, 224, 80, 1024, 24, 64), "ViT-g-14": (1408, 40, 14, 224, 88, 1024, 24, 64),
+            "ViT-bigG-14": (1664, 48, 14, 224, 104, 1280, 32, 64)}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_architectures_get_their_head_counts(name):
+    w, L, p, s, hw, tw, tl, thw = RELEASED[name]
+    c = A._foreign_config(_shapes_only("openclip", w, L, p, s, tw, tl), "openclip", "gelu")
+    assert (c.width, c.layers, c.patch_size, c.image_size) == (w, L, p, s)
+    assert (c.heads, c.text_heads) == (w // hw, tw // thw)
+    shared = A._foreign_config(_shapes_only("shared", 768, 12, 16, 224), "shared", "gelu")  # the authors'
+    assert shared.heads == 12
+
+
+def test_head_count_is_never_guessed(tmp_path):
+    # the authors' layout with a head width of 32: width 64, 2 heads. Not in the table: an error, not 1 head
+    small = A.ModelConfig.preset("tiny", width=64, heads=2, layers=1, embed_dim=16, image_size=32, patch_size=8,
+                                 vocab_size=400, eot_id=399, context_length=16)
+    torch.manual_seed(0)
+    sd = A.CLIP(small).state_dict()
+    with pytest.raises(ValueError, match=r"matches no released model.*heads="):
+        A.load_model(sd)
+    torch.manual_seed(1)
+    images, tokens = torch.randn(2, 3, 32, 32), tokens_with_eot(2, 16, 399, seed=3)
+    with torch.no_grad():
+        ref = A.CLIP(small).eval()
+        ref.load_state_dict(sd)
+        want = ref(images, tokens)[:2]
+        for heads in (2, small, (2, 7)):          # an int, a ModelConfig, a pair (text heads unused: shared)
+            got = A.load_model(sd, heads=heads).eval()(images, tokens)[:2]
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="3 heads do not divide the image width 64"):
+        A.load_model(sd, heads=3)
+    # an OpenCLIP layout whose text tower is narrower than 64 (once a ZeroDivisionError)
+    narrow = A._openclip_names(A.CLIP(tiny_config(shared=False, text_width=32, text_heads=2)).state_dict())
+    with pytest.raises(ValueError, match=r"\(64, 2, 8, 32, 32, 2\) matches no released model.*heads="):
+        A.load_model(narrow)
+    assert A.load_model(narrow, heads=(2, 2)).config.text_heads == 2
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_our_presets_saved_as_bare_state_dicts_reload_exactly(shared):
+    torch.manual_seed(0)
+    # 192 wide, 4 heads (not 192 / 64); a small vocabulary only to keep the test fast
+    model = A.CLIP(A.ModelConfig.preset("tiny", shared=shared, vocab_size=300, eot_id=299)).eval()
+    loaded = A.load_model(model.state_dict()).eval()
+    assert loaded.config.heads == 4 and (shared or loaded.config.text_heads == 4)
+    images, tokens = torch.randn(2, 3, 64, 64), tokens_with_eot(2, 32, 299, seed=1)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images, tokens)[:2], loaded(images, tokens)[:2]))
+    assert A.load_model(model.state_dict(), heads="tiny").config.heads == 4   # a preset name
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = A.CLIP(tiny_config())
+    sd = model.state_dict()
+    sd["projection"][0, 0] = float("nan")
+    path = tmp_path / "diverged.pt"
+    A.save_checkpoint({"config": dataclasses.asdict(model.config), "model": sd}, path)
+    with pytest.raises(ValueError, match=r"1 of \d+ weight tensors hold NaN or inf.*projection.*diverged"):
+        A.load_model(str(path))
+    sd = random_foreign_state_dict("openclip")
+    sd["visual.proj"][1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        A.load_model(sd, heads=(2, 1))
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                   # a writer that was killed: its pid is gone
+    (tmp_path / f"last.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+    (tmp_path / f"last.pt.tmp{os.getppid()}").write_bytes(b"a live writer's")   # the parent is alive
+    (tmp_path / "other.pt.tmp1").write_bytes(b"not ours")
+    A.save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.pt")
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", f"last.pt.tmp{os.getppid()}", "other.pt.tmp1"]
 
 
 def test_trailing_padding_does_not_change_the_text_embedding():
@@ -1849,8 +1951,10 @@ def test_missing_data_names_the_layout_and_the_option(ev, tmp_path, one_thread):
 
 def test_foreign_checkpoint_needs_the_tokenizer_option(ev, one_thread):
     with pytest.raises(SystemExit, match=r"no tokenizer.*--tokenizer"):
-        run_eval(ev, "retrieval", checkpoints=("foreign",))
-    res = run_eval(ev, "retrieval", "--tokenizer", ev["merges"], checkpoints=("foreign",))
+        run_eval(ev, "retrieval", "--heads", "1", checkpoints=("foreign",))
+    with pytest.raises(SystemExit, match=r"matches no released model.*--heads"):  # 64 wide: not in the table
+        run_eval(ev, "retrieval", "--tokenizer", ev["merges"], checkpoints=("foreign",))
+    res = run_eval(ev, "retrieval", "--tokenizer", ev["merges"], "--heads", "1", checkpoints=("foreign",))
     assert 0 <= res["Synthetic"]["foreign_shared"]["i2t_R@1"] <= 100
 
 
@@ -1921,7 +2025,7 @@ def test_finetune_saves_a_loadable_checkpoint_and_reports_retrieval(ev, monkeypa
 
 def test_finetune_foreign_checkpoint_defaults_to_clip_loss(ev, one_thread):
     res = run_eval(ev, "finetune-retrieval", "--finetune-epochs", "1", "--finetune-batch-size", "4",
-                   "--tokenizer", ev["merges"], checkpoints=("foreign",))
+                   "--tokenizer", ev["merges"], "--heads", "1", checkpoints=("foreign",))
     m = res["Synthetic"]["foreign_shared"]
     assert m["loss"] == "clip"
     assert A.load_model(m["checkpoint"], with_tokenizer=True)[1] is not None   # now carries its tokenizer
@@ -1941,6 +2045,48 @@ def test_dosnes_and_similarity(ev, one_thread):
     want = img @ A.embed_texts(model, tok, texts).T
     torch.testing.assert_close(torch.tensor(sim["alignclip"]), want, atol=1e-5, rtol=1e-5)
     assert sim["texts"] == texts and sim["images"] == ["img0050.png", "img0056.png"]
+
+
+def test_eval_refuses_a_diverged_checkpoint_and_an_unreadable_image(ev, tmp_path, one_thread):
+    obj = torch.load(ev["align"], weights_only=True)
+    obj["model"] = {k: torch.full_like(v, float("nan")) for k, v in obj["model"].items()}
+    torch.save(obj, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match=r"nan.pt: \d+ of \d+ weight tensors hold NaN or inf.*diverged") as e:
+        E.main(["alignment", "--checkpoint", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "o"),
+                "--workers", "0", "--synthetic-size", "4"])
+    assert e.value.code != 0
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(SystemExit, match="broken.jpg cannot be read as an image") as e:
+        run_eval(ev, "similarity", "--images", str(tmp_path / "broken.jpg"), "--texts", "a dog", checkpoints=("align",))
+    assert e.value.code != 0
+
+
+def test_all_writes_each_result_as_soon_as_it_exists(ev, monkeypatch, one_thread):
+    real = E.run_task
+
+    def interrupted(task, *a, **k):
+        if task == "dosnes":
+            raise KeyboardInterrupt
+        return real(task, *a, **k)
+    monkeypatch.setattr(E, "run_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(ev, "all", "--skip", "zeroshot,linear-probe,finetune-retrieval", out="cut")
+    saved = json.load(open(ev["root"] / "cut" / "results.json"))
+    assert saved["unfinished"] == ["dosnes", "similarity"]
+    assert "Synthetic" in saved["alignment"] and "Synthetic" in saved["retrieval"]
+
+
+def test_synthetic_finetune_is_small_by_default_and_encodes_only_the_captions_it_uses(ev, monkeypatch, one_thread):
+    assert E.build_parser().parse_args(["all", "--checkpoint", "x"]).finetune_synthetic_size == 1000
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
+    seen = []
+    real = E.semantic_cache
+    monkeypatch.setattr(E, "semantic_cache", lambda captions, *a: seen.append(captions) or real(captions, *a))
+    run_eval(ev, "finetune-retrieval", "--finetune-synthetic-size", "6", "--finetune-epochs", "2",
+             "--finetune-batch-size", "3", "--semantic-model", "fake-sbert", checkpoints=("align",))
+    scenes = A.SyntheticScenes("train", size=6)
+    want = {E.pick_caption(scenes.captions(i), 0, epoch, i) for epoch in range(2) for i in range(6)}
+    assert seen == [sorted(want)]          # 6 images x 2 epochs, not the 5 captions of 5000 images
 
 
 def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, one_thread):
@@ -2092,6 +2238,187 @@ def test_csv_and_tar_data_with_bad_samples(tmp_path, monkeypatch):
     assert len(records(out)) == 2
 
 
+def _bad_csv(folder, good, bad):
+    """A CSV of `good` readable images and `bad` rows naming files that do not exist."""
+    rows = _write_pairs(folder, good)[:good] + [(f"gone{i}.png", f"a missing picture {i}") for i in range(bad)]
+    with open(folder / "pairs.csv", "w") as f:
+        f.write("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    return str(folder / "pairs.csv")
+
+
+def test_nan_rule_never_writes_a_bad_checkpoint(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    real = T.train_step
+    poison = {}
+
+    def step(model, optimizer, *rest):   # after the update of the poisoned step, spoil the weights
+        out = real(model, optimizer, *rest)
+        step.n = getattr(step, "n", 0) + 1
+        if step.n == 3:
+            poison["fn"](optimizer.param_groups[0]["params"])
+        return out
+    monkeypatch.setattr(T, "train_step", step)
+    cases = {"are not finite": lambda ps: ps[0].data.fill_(float("inf")),
+             # finite weights whose forward overflows: once saved as "good"
+             "give a non-finite loss": lambda ps: [p.data.fill_(3e38) for p in ps if p.ndim == 4]}
+    for what, fn in cases.items():
+        poison["fn"], step.n = fn, 0
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--model", "shared", "--steps", "6", "--save-every", "1", out=what)
+        assert e.value.code == 1
+        assert f"the weights after step 3 {what}" in capsys.readouterr().out
+        kept = torch.load(tmp_path / what / "last.pt", weights_only=True)
+        assert kept["position"]["step"] == 2
+        assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_non_finite_watch_remembers_the_first_bad_step():
+    watch = T.NonFiniteWatch(torch.device("cpu"))
+    for step, loss in enumerate([1.0, 2.0, float("nan"), 3.0, float("inf")], 1):
+        watch.update(torch.tensor(loss), step)
+        assert watch.poll() == watch.first_bad() == (None if step < 3 else 3)
+    ddp = T.NonFiniteWatch(torch.device("cpu"), world=2)
+    ddp.update(torch.tensor(float("nan")), 1)
+    assert ddp.poll() is None and ddp.first_bad() == 1   # DDP: all ranks read it at the same log line
+
+
+def test_nan_loss_is_caught_before_the_end_of_epoch_checkpoint(tmp_path, monkeypatch, capsys):
+    # the issue's case (--lr 1e9): epochs of 6 steps, a log line every 100 steps, a checkpoint per epoch;
+    # only step 2's loss is NaN, so the rule must remember it, not look at the latest loss
+    small_preset(monkeypatch)
+    steps, real_loss, real_step = [], T.compute_loss, T.train_step
+
+    def loss(*a, **k):
+        value, parts = real_loss(*a, **k)
+        return (value * float("nan") if len(steps) == 2 else value), parts
+
+    monkeypatch.setattr(T, "compute_loss", loss)
+    monkeypatch.setattr(T, "train_step", lambda *a: steps.append(1) or real_step(*a))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--model", "shared", "--epochs", "2", "--log-every", "100", out="lr")
+    assert "loss is not finite at step 2: stopping" in capsys.readouterr().out
+    assert len(steps) <= 3                             # stopped at once, not at the next log line
+    assert not (tmp_path / "lr" / "last.pt").exists()  # no checkpoint at all rather than a bad one
+
+
+def test_empty_batches_are_skipped_and_counted_and_empty_epochs_are_errors(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    # batch size 1: every missing image is a batch with no pair, which the model must never see
+    out = run(tmp_path, "--model", "shared", "--data", _bad_csv(tmp_path / "mixed", 6, 3), "--batch-size", "1",
+              "--epochs", "1", out="mixed")
+    last = records(out)[-1]
+    assert last["step"] == 9 and last["empty_batches"] == last["skipped"] > 0
+    assert "batches had none usable" in capsys.readouterr().out
+    # every image missing: the epoch gives no batch, an error naming the data, not an endless loop
+    with pytest.raises(SystemExit, match=r"pairs.csv: epoch 0 gave no batch: fewer usable pairs than one batch of 8") as e:
+        run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--steps", "4", out="gone")
+    assert e.value.code == 2 and not (tmp_path / "gone" / "last.pt").exists()
+    # a long run of empty batches stops too
+    monkeypatch.setattr(T, "EMPTY_BATCHES_IN_A_ROW", 5)
+    with pytest.raises(SystemExit, match="5 batches in a row had no usable pair"):
+        run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--batch-size", "1",
+            "--steps", "4", out="gone1")
+
+
+def test_a_shard_smaller_than_one_batch_is_an_error_not_an_endless_loop(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    rows = _write_pairs(tmp_path / "imgs", 3)[:3]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for k, (p, c) in enumerate(rows):
+            tar.add(tmp_path / "imgs" / p, arcname=f"{k:05d}.png")
+            (tmp_path / f"{k}.txt").write_text(c)
+            tar.add(tmp_path / f"{k}.txt", arcname=f"{k:05d}.txt")
+    with pytest.raises(SystemExit, match="epoch 0 gave no batch") as e:
+        run(tmp_path, "--model", "shared", "--data", str(tmp_path / "shard-{000..000}.tar"), "--batch-size", "4",
+            "--train-num-samples", "8", "--epochs", "3", out="tar")
+    assert e.value.code == 2 and not (tmp_path / "tar" / "last.pt").exists()
+
+
+def test_resume_refuses_other_run_defining_options(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    run(tmp_path, "--model", "shared", "--steps", "4", "--stop-after", "2", out="r")
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "clip", "--batch-size", "4", "--steps", "4", "--resume", out="r")
+    line = str(e.value)
+    assert e.value.code == 2 and "\n" not in line
+    assert "--batch-size 8 there, 4 now" in line and "--model 'shared' there, 'clip' now" in line
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before           # nothing touched
+    run(tmp_path, "--model", "shared", "--steps", "6", "--workers", "1", "--resume", out="r")   # may change
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["position"]["step"] == 6
+
+
+def test_options_newer_than_a_saved_run_count_as_their_default():
+    before = vars(T.parse_args(["--model", "shared"]))
+    del before["alpha"]                                   # a run saved before --alpha existed
+    assert T.changed_options(before, vars(T.parse_args(["--model", "shared"])), T.NOT_RESULTS) == ""
+    now = vars(T.parse_args(["--model", "clip", "--alpha", "2", "--workers", "7"]))
+    assert T.changed_options(before, now, T.NOT_RESULTS) == ("--alpha 1.0 there, 2.0 now; "
+                                                             "--model 'shared' there, 'clip' now")
+
+
+def test_resume_help_lists_the_options_that_may_change(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    may = text[text.index("which may change:"):]
+    assert all(f"--{o}," in may or f"--{o} " in may for o in ("steps", "workers", "device", "epochs"))
+    assert "--batch-size" not in may.split("--stop-after")[0] and "--model," not in may
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--steps", "0"], "--steps must be at least 1, not 0 (leave --steps out"),
+    (["--steps", "-1"], "--steps must be at least 1, not -1"),
+    (["--data", "s/{0..1}.tar", "--steps", "5"], "give --train-num-samples N"),
+    (["--out", "FILE"], "is a file; give a folder"),
+    (["--out", "FILE/run"], "--out .*FILE/run: cannot create the folder or write in it .Not a directory"),
+    (["--cache-dir", "FILE/cache"], "Not a directory|File exists"),
+])
+def test_bad_arguments_end_with_one_line_before_any_work(tmp_path, monkeypatch, argv, message):
+    small_preset(monkeypatch)
+    (tmp_path / "FILE").write_text("not a folder")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+
+    def too_late(*a, **k):
+        raise AssertionError("expensive setup started before the arguments were checked")
+    if "--cache-dir" not in argv:   # the cache folder is met when the cache is built
+        for name in ("train", "from_file"):
+            monkeypatch.setattr(A.Tokenizer, name, too_late)
+        monkeypatch.setattr(A, "CLIP", too_late)
+    with pytest.raises(SystemExit) as e:
+        T.main(SMALL + ["--out", str(tmp_path / "run")] + argv + (["--cache-dir", str(tmp_path / "c")]
+                                                                  if "--cache-dir" not in argv else []))
+    assert e.value.code == 2 and "\n" not in str(e.value)
+    assert re.search(message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message,
+                     str(e.value))
+
+
+def test_ctrl_c_message_is_printed_by_the_main_process_only(monkeypatch, capsys):
+    stop = T.StopRequested()
+    try:
+        pid = os.getpid()
+        monkeypatch.setattr(os, "getpid", lambda: pid + 1)   # as in a forked data loader worker
+        stop._handler(signal.SIGINT, None)
+        assert not stop.flag and capsys.readouterr().out == ""
+        monkeypatch.setattr(os, "getpid", lambda: pid)
+        stop._handler(signal.SIGINT, None)
+        assert stop.flag and capsys.readouterr().out.count("Ctrl-C") == 1
+    finally:
+        stop.restore()
+
+
+def test_csv_errors_name_the_file_the_line_and_the_option(tmp_path, monkeypatch):
+    (tmp_path / "latin.csv").write_bytes("filepath,title\na.png,fine\nb.png,caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv: line 3 is not valid UTF-8"):
+        A.CsvPairs(tmp_path / "latin.csv")
+    small_preset(monkeypatch)
+    (tmp_path / "cols.csv").write_text("filepath,caption\na.png,hello\n")
+    with pytest.raises(SystemExit, match=r"'title'.*--csv-caption-key") as e:
+        run(tmp_path, "--data", str(tmp_path / "cols.csv"), "--steps", "1")
+    assert e.value.code == 2
+
+
 # ----------------------------------------------------------------------------- distributed
 # Two gloo processes, each with half of a batch, must produce the loss and the gradients of one
 # process on the whole batch: the embeddings AND the semantic embeddings are gathered.
@@ -2175,7 +2502,7 @@ def test_compare_again_resumes_the_interrupted_run_and_reuses_finished_ones(tmp_
     assert capsys.readouterr().out.count("reusing its final metrics") == 3
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.load(open(tmp_path / "cut" / "compare.json"))["runs"] == straight
-    with pytest.raises(SystemExit, match="other options .beta"):  # never overwrites a different run
+    with pytest.raises(SystemExit, match=r"other options \(--beta 0.5 there, 0.25 now\)"):  # never overwrites a different run
         T.main(common + ["--compare", "--out", str(tmp_path / "cut"), "--beta", "0.25"])
 
 

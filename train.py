@@ -21,6 +21,7 @@ import random
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -97,7 +98,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<model>-<preset>-s<seed>)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: <out>/last.pt)")
+                   help="continue from a checkpoint (default: <out>/last.pt); every option that defines "
+                        "the run must be as saved, except these, which may change: "
+                        + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_MAY_CHANGE - {"resume"})))
     g.add_argument("--stop-after", type=int, default=None,
                    help="end this run after N steps as if interrupted, saving a checkpoint")
     g.add_argument("--save-every", type=int, default=500, help="also checkpoint every N steps")
@@ -118,16 +121,49 @@ def parse_args(argv=None):
     g.add_argument("--ablations", action="store_true",
                    help="with --compare: also AlignCLIP with --separate text, --separate both, --no-rescale")
     args = p.parse_args(argv)
-    if args.steps is None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if args.eval_every < 0 or args.eval_subset < 0:
-        p.error("--eval-every and --eval-subset must be 0 or more")
-    if args.eval_every and args.data != "synthetic" and not str(args.val_data).endswith((".csv", ".tsv")):
-        p.error("--eval-every needs validation pairs that train.py reads: give --val-data a .csv/.tsv "
-                "file (shards are evaluated afterwards with eval.py)")
-    if not 0 < args.init_logit_scale <= 100:
-        p.error(f"--init-logit-scale must be in (0, 100] (s is capped at 100), got {args.init_logit_scale}")
+    check_args(args)
     return args
+
+
+def fail(message):
+    """End with one line on stderr and exit code 2 (bad usage, as argparse does); no traceback.
+    str() of the SystemExit is the line, so callers and tests can read it."""
+    print(message, file=sys.stderr)
+    e = SystemExit(message)
+    e.code = 2
+    raise e
+
+
+def check_args(args):
+    """Every check that needs no file read, before any tokenizer, sentence-encoder or model work."""
+    at_least = {"batch_size": 1, "epochs": 1, "save_every": 1, "log_every": 1, "eval_every": 0, "workers": 0,
+                "warmup": 0, "loss_block_size": 1, "train_size": 1, "val_size": 1, "eval_subset": 0}
+    at_least.update({k: 1 for k in ("steps", "stop_after", "threads", "train_num_samples")
+                     if getattr(args, k) is not None})
+    for k, low in at_least.items():
+        if getattr(args, k) < low:
+            hint = " (leave --steps out to train for --epochs)" if k == "steps" else ""
+            fail(f"error: --{k.replace('_', '-')} must be at least {low}, not {getattr(args, k)}{hint}")
+    if args.eval_every and args.data != "synthetic" and not str(args.val_data).endswith((".csv", ".tsv")):
+        fail("error: --eval-every needs validation pairs that train.py reads: give --val-data a .csv/.tsv "
+             "file (shards are evaluated afterwards with eval.py)")
+    if not 0 < args.init_logit_scale <= 100:
+        fail(f"error: --init-logit-scale must be in (0, 100] (s is capped at 100), not {args.init_logit_scale}")
+    if ".tar" in args.data and args.train_num_samples is None:
+        fail(f"error: --data {args.data} is .tar shards, which have no length: give --train-num-samples N, "
+             "the pairs in one epoch (needed with --steps too: the data position counts epochs)")
+
+
+def check_out_folder(out):
+    """--out must be a folder we can write in: checked by writing in it, before any expensive work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder or write in it ({e.strerror})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +270,8 @@ def open_source(path, args):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such CSV file")
         return A.CsvPairs(path, image_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                          sep=args.csv_separator)
+                          sep=args.csv_separator, options={"image_key": "--csv-img-key",
+                                                           "caption_key": "--csv-caption-key", "sep": "--csv-separator"})
     if ".tar" in path:
         return path  # shards are opened per epoch, see make_loader; existence checked here
     raise ValueError(f"--data {path!r}: expected 'synthetic', a .csv/.tsv file or .tar shards")
@@ -263,9 +300,7 @@ def _skip(loader, n):
 
 
 def steps_per_epoch(source, args, world):
-    if isinstance(source, str):
-        if not args.train_num_samples:
-            raise ValueError("shards have no length: give --train-num-samples (or --steps)")
+    if isinstance(source, str):   # check_args made sure shards come with --train-num-samples
         return args.train_num_samples // (args.batch_size * world)
     return len(source) // (args.batch_size * world)
 
@@ -295,12 +330,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path, raw_model, optimizer, scaler, tokenizer, args, position):
+def save(path, raw_model, optimizer, scaler, tokenizer, args, position, world=1):
     A.save_checkpoint({
         "config": asdict(raw_model.config), "model": raw_model.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
         "tokenizer": [" ".join(m) for m in tokenizer.merges], "args": vars(args),
-        "position": position, "rng": rng_state(),
+        "position": position, "rng": rng_state(), "world_size": world,
     }, path)
 
 
@@ -368,10 +403,12 @@ class StopRequested:
     A second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.flag = False
+        self.flag, self.pid = False, os.getpid()
         self.previous = signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked data loader worker: the terminal signals it too; the
+            return                   # main process stops it, and the message is printed once
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
@@ -387,12 +424,95 @@ def log_line(rec):
             f"gnorm {rec['grad_norm']:.3f} | {rec['pairs_per_s']:.0f} pairs/s | eta {rec['eta_min']:.1f} min")
 
 
-def first_bad_step(losses):
-    """losses: list of (step, tensor). The first step whose loss is not finite, or None; one sync."""
-    if not losses:
-        return None
-    finite = torch.isfinite(torch.stack([l for _, l in losses])).tolist()
-    return next((s for (s, _), ok in zip(losses, finite) if not ok), None)
+# -----------------------------------------------------------------------------
+# The NaN rule: a checkpoint is written only if every loss so far was finite, the weights are
+# finite, and they give a finite loss on the step's batch (finite weights can still overflow in the
+# forward). Otherwise the write is skipped and the run stops, keeping the last good checkpoint.
+
+class NonFiniteWatch:
+    """The first step whose loss was not finite, kept on the device: no host sync per step.
+    update() also queues a copy to the host; poll() reads the last copy that has landed (at once on
+    CPU, a step or two late on CUDA) and never waits; first_bad() waits for the device. Under DDP
+    poll() says nothing: ranks would see the copy land at different steps and stop apart; they all
+    read first_bad() at the same log line instead (the loss, hence the flag, is the same on all)."""
+
+    def __init__(self, device, world=1):
+        cuda, self.world = device.type == "cuda", world
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss finite so far
+        self.host = torch.full((), -1, dtype=torch.long, pin_memory=cuda)
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def update(self, loss, step):
+        new = ~torch.isfinite(loss.detach()) & (self.first < 0)
+        self.first = torch.where(new, step, self.first)
+        if self.copied is None or self.copied.query():   # the previous copy has landed: queue one more
+            self.host.copy_(self.first, non_blocking=True)
+            if self.copied is not None:
+                self.copied.record()
+
+    def poll(self):
+        landed = self.world == 1 and (self.copied is None or self.copied.query())
+        return int(self.host) if landed and int(self.host) >= 0 else None
+
+    def first_bad(self):
+        return int(self.first) if int(self.first) >= 0 else None
+
+
+@torch.no_grad()
+def weights_and_probe_finite(raw, batch, args, device, dtype, world):
+    """(weights finite, loss of the updated weights on `batch` finite), agreed by all ranks: one sync.
+    The max-abs norm of each tensor (one fused call) is finite exactly when all its values are."""
+    norms = torch._foreach_norm([p.detach() for p in raw.parameters()], float("inf"))
+    flags = [torch.stack(norms).isfinite().all(), torch.ones((), dtype=torch.bool, device=device)]
+    if batch is not None:
+        semantic = batch["semantic"].to(device) if batch["semantic"] is not None else None
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = compute_loss(raw, batch["image"].to(device), batch["tokens"].to(device), semantic, args)
+        flags[1] = loss.isfinite()
+    flags = torch.stack(flags).int()
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return flags.tolist()
+
+
+def why_not_save(watch, raw, batch, args, device, dtype, world, step):
+    """The NaN rule: None if a checkpoint may be written after `step`, else the reason why not."""
+    bad = watch.first_bad()
+    if bad is not None:
+        return f"loss is not finite at step {bad}"
+    weights_ok, probe_ok = weights_and_probe_finite(raw, batch, args, device, dtype, world)
+    if not weights_ok:
+        return f"the weights after step {step} are not finite"
+    return None if probe_ok else f"the weights after step {step} give a non-finite loss on the step's batch"
+
+
+def nan_stop(what, ckpt_path, kept_step):
+    kept = (f"{ckpt_path} (step {kept_step})" if kept_step is not None else
+            "none (no checkpoint was written by this run)")
+    print(f"{what}: stopping without writing a checkpoint. The last good checkpoint is kept: {kept}")
+
+
+def count_empty(empty, args, skipped):
+    """Count a skipped empty batch; a long run of them means the data is broken: stop, saying so."""
+    empty["total"] += 1
+    empty["in_a_row"] += 1
+    if empty["in_a_row"] >= EMPTY_BATCHES_IN_A_ROW:
+        raise ValueError(f"--data {args.data}: {empty['in_a_row']} batches in a row had no usable pair "
+                         f"({skipped} samples skipped so far: unreadable images or missing captions); "
+                         "check the data and its options (--csv-img-key, --csv-caption-key)")
+
+
+def usable(batch, world, device):
+    """Whether the batch has a pair on every rank: a batch whose every sample was bad is skipped, never
+    given to the model. Under DDP the ranks skip together (one small all_reduce, DDP only)."""
+    if world == 1:
+        return len(batch["caption"]) > 0
+    n = torch.tensor(len(batch["caption"]), device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return int(n) > 0
+
+
+EMPTY_BATCHES_IN_A_ROW = 50   # this many batches in a row without one usable pair: the data is broken
 
 
 def setup_run(args):
@@ -401,10 +521,16 @@ def setup_run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.preset}-s{args.seed}")
+    check_out_folder(args.out)
     resume_path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
     ckpt = load_for_resume(resume_path) if resume_path else None
+    if ckpt:
+        check_resume_options(ckpt, args, resume_path, world)
     A.ModelConfig.preset(args.preset)  # unknown preset: a clear error before any work
     train_src, val_src = build_sources(args)
+    if steps_per_epoch(train_src, args, world) < 1:
+        raise ValueError(f"--data {args.data}: fewer pairs than one global batch of {args.batch_size * world} "
+                         "(--batch-size x processes); lower --batch-size")
     captions = train_src.caption_list() if not isinstance(train_src, str) else A.TarShards(
         train_src, None).caption_list()
     if ckpt:
@@ -451,8 +577,6 @@ def train(args):
         model = torch.compile(model)
     per_epoch = steps_per_epoch(train_src, args, world)
     total = args.steps or args.epochs * per_epoch
-    if per_epoch < 1:
-        raise ValueError(f"the data has fewer pairs than one global batch of {args.batch_size * world}")
     main = rank == 0
     if main:
         os.makedirs(args.out, exist_ok=True)
@@ -465,6 +589,8 @@ def train(args):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
     stop = StopRequested()
     ckpt_path = os.path.join(args.out, "last.pt")
+    if main:
+        A.remove_stale_temporaries(ckpt_path)   # left by a run killed while writing (SIGKILL)
     status = run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args,
                       device, rank, world, position, total, per_epoch, stop, log, ckpt_path)
     stop.restore()
@@ -476,22 +602,45 @@ def train(args):
 def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args, device,
              rank, world, pos, total, per_epoch, stop, log, ckpt_path):
     main = rank == 0
-    checkpoint = lambda: main and save(ckpt_path, raw, optimizer, scaler, tokenizer, args, dict(pos))
     recent, skipped, t0, done_at_start = [], 0, time.time(), pos["step"]
+    watch, empty = NonFiniteWatch(device, world), {"total": 0, "in_a_row": 0}
+    # the checkpoint on disk (its step) and the batch of the last step, to try the new weights on
+    kept = {"step": pos["step"] if pos["step"] and os.path.exists(ckpt_path) else None, "batch": None}
+
+    def checkpoint():
+        """The NaN rule, then an atomic write; False: the run must stop, nothing was written."""
+        why = why_not_save(watch, raw, kept["batch"], args, device, dtype, world, pos["step"])
+        if why:
+            bar.close()
+            nan_stop(why, ckpt_path, kept["step"])
+            return False
+        if main:
+            save(ckpt_path, raw, optimizer, scaler, tokenizer, args, dict(pos), world)
+        kept["step"] = pos["step"]
+        return True
+
     bar = tqdm(total=total, initial=pos["step"], disable=not main, dynamic_ncols=True, leave=False)
     estimate = TimeEstimate(t0, pos["step"], total, args.eval_every)
     if args.eval_every and pos["step"] == 0:  # where every curve starts
         estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, 0, bar, log))
     while pos["step"] < total:
         loader = make_loader(train_src, args, tokenizer, cache, raw.config, pos["epoch"], pos["batch"], rank, world)
+        from_start, steps_before = pos["batch"] == 0, pos["step"]
         for batch in loader:
             if pos["step"] >= total:
                 break
             skipped += batch["skipped"]
+            if not usable(batch, world, device):
+                pos["batch"] += 1
+                count_empty(empty, args, skipped)
+                continue
+            empty["in_a_row"] = 0
             loss, parts, gnorm = train_step(model, optimizer, scaler, dtype, batch, args, device, world,
                                             learning_rate(pos["step"], total, args))
             pos["step"] += 1
             pos["batch"] += 1
+            watch.update(loss, pos["step"])
+            kept["batch"] = batch
             recent.append((pos["step"], loss))
             bar.update(1)
             line = estimate.after_step(pos["step"], time.time())
@@ -499,39 +648,45 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
                 bar.write(line)
             end_of_interval = pos["step"] % args.log_every == 0 or pos["step"] == total
             must_save = pos["step"] % args.save_every == 0 or stop.flag or pos["step"] == args.stop_after
-            if end_of_interval or must_save:
-                bad = first_bad_step(recent)
-                if bad is not None:
-                    bar.close()
-                    print(f"loss is not finite at step {bad}: stopping. The last good checkpoint is kept: "
-                          f"{ckpt_path}" + ("" if os.path.exists(ckpt_path) else " (none was written yet)"))
-                    return "nan"
-                if end_of_interval and main:
-                    rec = interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, world, t0,
-                                          done_at_start, skipped)
-                    bar.write(log_line(rec))
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+            bad = watch.first_bad() if end_of_interval else watch.poll()   # a sync per log line only
+            if bad is not None:
+                bar.close()
+                nan_stop(f"loss is not finite at step {bad}", ckpt_path, kept["step"])
+                return "nan"
+            if end_of_interval and main:
+                rec = interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, world, t0,
+                                      done_at_start, skipped)
+                rec["empty_batches"] = empty["total"]
+                bar.write(log_line(rec))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if end_of_interval:
                 recent = []
             if args.eval_every and pos["step"] % args.eval_every == 0:
                 estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, pos["step"],
                                                   bar, log))
-            if must_save:
-                checkpoint()
+            if must_save and not checkpoint():
+                return "nan"
             if stop.flag or pos["step"] == args.stop_after:
                 bar.close()
                 print(f"stopped after step {pos['step']}; checkpoint {ckpt_path}; continue with --resume")
                 return "stopped"
         else:
+            if from_start and pos["step"] == steps_before:   # else an endless loop of empty epochs
+                raise ValueError(f"--data {args.data}: epoch {pos['epoch']} gave no batch: fewer usable pairs "
+                                 f"than one batch of {args.batch_size * world} (--batch-size x processes); "
+                                 f"{skipped} samples were skipped as unreadable or without a caption")
             pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            checkpoint()
+            if not checkpoint():
+                return "nan"
     bar.close()
-    checkpoint()
+    if not checkpoint():
+        return "nan"
     if main:
         elapsed = time.time() - t0
         n = (pos["step"] - done_at_start) * args.batch_size * world
         print(f"done: {pos['step']} steps, {n / max(elapsed, 1e-9):.0f} pairs/s over {elapsed / 60:.1f} min, "
-              f"{skipped} bad samples skipped")
+              f"{skipped} bad samples skipped ({empty['total']} batches had none usable)")
         achieved = 3 * forward_flops_per_pair(raw.config) * n / max(elapsed, 1e-9)  # FLOP/s, all ranks
         line = f"model FLOPs: {achieved / world / 1e12:.3f} TFLOP/s per device"
         if device.type == "cuda":
@@ -655,6 +810,29 @@ ABLATIONS = {"alignclip-text": ["--model", "alignclip", "--separate", "text"],
 # options that do not change what a run computes: a finished run may be reused across them
 NOT_RESULTS = {"resume", "stop_after", "compare", "ablations", "seeds", "out", "workers", "threads", "device",
                "log_every", "save_every", "cache_dir", "peak_tflops"}
+# ... and those that may also change when a run is resumed (a longer schedule, speed-only options)
+RESUME_MAY_CHANGE = NOT_RESULTS | {"steps", "epochs", "eval_every", "eval_subset", "compile", "grad_checkpointing"}
+
+
+def changed_options(before: dict, now: dict, may_change: set) -> str:
+    """One line naming every option of `now` that differs from `before` (saved args), or ''.
+    An option newer than the saved run is absent from its args: it ran with the default."""
+    default = vars(parse_args([]))
+    before = {k: before.get(k, default.get(k)) for k in now}
+    changed = sorted(k for k in now if k not in may_change and before[k] != now[k])
+    return "; ".join(f"--{k.replace('_', '-')} {before[k]!r} there, {now[k]!r} now" for k in changed)
+
+
+def check_resume_options(ckpt, args, path, world):
+    """--resume continues the SAME run: another model, loss, batch size, data or seed would silently
+    train something else (and a new global batch size would misplace the data position)."""
+    changed = changed_options(ckpt.get("args", {}), vars(args), RESUME_MAY_CHANGE)
+    saved_world = ckpt.get("world_size", world)
+    if saved_world != world:
+        changed += ("; " if changed else "") + f"processes {saved_world} there, {world} now"
+    if changed:
+        raise ValueError(f"--resume {path} was trained with other options ({changed}); resume with the "
+                         "same ones, or start a new run with another --out")
 
 
 def earlier_run(run_args):
@@ -665,13 +843,9 @@ def earlier_run(run_args):
         return None
     with open(config) as f:
         before = json.load(f)["args"]
-    now, default = vars(run_args), vars(parse_args([]))
-    # an option newer than the earlier run is absent from its config.json: it ran with the default
-    changed = sorted(k for k in now if k not in NOT_RESULTS and before.get(k, default.get(k)) != now[k])
+    changed = changed_options(before, vars(run_args), NOT_RESULTS)
     if changed:
-        k = changed[0]
-        raise ValueError(f"{run_args.out} holds a run with other options ({k}: {before.get(k)!r} there, "
-                         f"{now[k]!r} now); pass another --out")
+        raise ValueError(f"{run_args.out} holds a run with other options ({changed}); pass another --out")
     if os.path.exists(os.path.join(run_args.out, "final_metrics.json")):
         return "done"
     return "partial" if os.path.exists(os.path.join(run_args.out, "last.pt")) else None
@@ -722,8 +896,8 @@ def main(argv=None):
         if args.compare:
             return compare([a for a in argv if a not in ("--compare", "--ablations")], args)
         status, model, tokenizer, val_src, device = train(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:   # bad data, options or folders: one line, exit code 2
+        fail(f"error: {e}")
     if status == "nan":
         sys.exit(1)
     if status == "done" and int(os.environ.get("RANK", 0)) == 0:
