@@ -61,9 +61,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, get_worker_info, IterableDataset, Sampler
-from torchvision.io import decode_image, ImageReadMode
 from torchvision.transforms import InterpolationMode
 import torchvision.transforms.v2.functional as TF
+try:  # deprecated since torchvision 0.29 (TorchCodec takes over); read_image uses PIL if they are gone
+    from torchvision.io import decode_image, ImageReadMode
+except ImportError:
+    decode_image = None
 
 
 # -----------------------------------------------------------------------------
@@ -1522,11 +1525,20 @@ def read_image(source):
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError:
         return None
+    img = _torchvision_decode(data) if data else None
+    if img is None:
+        pil = open_rgb(data)
+        return None if pil is None else pil_to_uint8(pil)
+    return img
+
+
+def _torchvision_decode(data):
+    if decode_image is None:
+        return None
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        pil = open_rgb(data)
-        return None if pil is None else pil_to_uint8(pil)
+        return None
     img = img[0] if img.ndim == 4 else img                          # an animated GIF: its first frame
     return img if img.dtype == torch.uint8 else (img.to(torch.int32) >> 8).to(torch.uint8)  # 16 bit
 

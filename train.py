@@ -7,6 +7,7 @@
         --tokenizer bpe_simple_vocab_16e6.txt.gz --semantic-model all-mpnet-base-v2 \
         --batch-size 512 --epochs 30 --lr 1e-3 --wd 0.1 --warmup 10000   # the paper's recipe
     torchrun --nproc_per_node=8 train.py ...   # several GPUs: embeddings gathered, global-batch loss
+    python train.py --bench-data --preset ViT-B-16 --batch-size 512   # the input pipeline alone, timed
 
 The sentence-encoder (SBERT) embeddings of the captions are computed once before training and cached
 on disk; they are never recomputed inside a step. Checkpoints (run folder/last.pt) are complete and
@@ -311,9 +312,10 @@ def captions_and_cache(args, source, rank, world, device):
         elif not isinstance(source, str):
             captions = source.caption_list()
         else:
-            path = os.path.join(args.cache_dir, f"captions-{shards_key(source)}.jsonl")
+            shards = A.TarShards(source, None)  # a missing shard: an error naming it
+            path = os.path.join(args.cache_dir, f"captions-{shards_key(shards.urls)}.jsonl")
             if rank == 0 and not os.path.isfile(path):
-                A.write_captions(path, A.TarShards(source, None).caption_list())
+                A.write_captions(path, shards.caption_list())
             wait_for_rank0(rank, world, "list the captions of the shards")
             captions = A.read_captions(path)
         cache = None
@@ -324,14 +326,14 @@ def captions_and_cache(args, source, rank, world, device):
                 cache = build()
             wait_for_rank0(rank, world, "encode the captions with the sentence encoder")
             cache = cache or build()  # the other ranks find rank 0's files: nothing is encoded
-    except OSError as e:
-        raise ValueError(str(e)) from None  # unwritable --cache-dir, unreadable --captions: one line
+    except PermissionError as e:
+        raise ValueError(str(e)) from None  # an unwritable --cache-dir: one line
     return captions, cache
 
 
-def shards_key(pattern):
+def shards_key(urls):
     """Identity of a set of shards: the hash of their paths, sizes and modification times."""
-    stats = [(os.path.abspath(u), os.stat(u).st_size, os.stat(u).st_mtime_ns) for u in A.expand_braces(pattern)]
+    stats = [(os.path.abspath(u), os.stat(u).st_size, os.stat(u).st_mtime_ns) for u in urls]
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:20]
 
 
