@@ -2052,7 +2052,8 @@ class TarShards(IterableDataset):
 
 
 class PairDataset(Dataset):
-    """Map-style (image tensor, caption) pairs over a source whose item i is (PIL, caption) or None.
+    """Map-style {"image": uint8 (3, S, S), "caption"} items over a source whose item i is (image, caption)
+    or None; the image a uint8 tensor (CsvPairs) or a PIL image (SyntheticScenes).
 
     Keys are (epoch, index) tuples, as ResumableSampler yields them (a plain int means epoch 0, for
     evaluation). The augmentation draws from a generator seeded by (seed, epoch, index).

@@ -1533,11 +1533,14 @@ def test_worker_cpu_seconds_counts_the_workers_not_the_main_process():
 def test_bench_data_prints_the_pipeline_rates(tmp_path, capsys):
     out = T.bench_data(T.parse_args(["--bench-data", "--bench-batches", "3", "--batch-size", "8", "--workers", "1"]))
     text = capsys.readouterr().out
-    assert "16 samples in batches of 8 from temporary JPEG shards" in text and "64 px out, 1 workers" in text
-    for line in ("samples/s", "samples per CPU-second per worker", "bare decode", "2,000 pairs/s need"):
+    assert "16 samples in batches of 8 from temporary JPEG shards" in text and "64 px out, 1 worker " in text
+    for line in ("samples/s", "samples per CPU-second per worker", "bare decode", "(torchvision)"):
         assert line in text
-    assert all(v > 0 and math.isfinite(v) for v in out.values())
-
+    assert out["samples_per_s"] > 0 and out["decode_per_cpu_s"] > 0
+    if math.isnan(out["per_cpu_s_per_worker"]):   # 16 samples may take less than the 0.1 CPU-s needed
+        assert "too little to measure" in text
+    else:
+        assert "2,000 pairs/s need" in text and out["per_cpu_s_per_worker"] > 0
 
 # =============================================================================
 # eval
@@ -2063,6 +2066,30 @@ def test_csv_and_tar_data_with_bad_samples(tmp_path, monkeypatch):
               "--batch-size", "4", "--steps", "2", "--train-num-samples", "16", out="tar")
     assert len(records(out)) == 2
 
+
+
+def test_resume_on_shards_with_workers_is_bitwise_exact(tmp_path, monkeypatch):
+    """Shards, 2 persistent workers, an epoch boundary inside the run: stopped at step 5 (inside epoch
+    0: the workers skip 3 and 2 batches) and resumed, the run ends with the weights of the run never
+    stopped."""
+    small_preset(monkeypatch)
+    rows = _write_pairs(tmp_path / "imgs", 14)
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as a, tarfile.open(tmp_path / "shard-1.tar", "w") as b:
+        for k, (p, c) in enumerate(rows):
+            tar = (a, b)[k % 2]
+            tar.add(tmp_path / "imgs" / p, arcname=f"{k:05d}.png")
+            info = tarfile.TarInfo(f"{k:05d}.txt")
+            info.size = len(c.encode())
+            tar.addfile(info, io.BytesIO(c.encode()))
+    opts = ["--model", "shared", "--data", str(tmp_path / "shard-{0..1}.tar"), "--batch-size", "2",
+            "--train-num-samples", "16", "--steps", "10", "--workers", "2", "--save-every", "100"]
+    straight = run(tmp_path, *opts, out="straight")     # 16 samples in 2 shards: 8 batches an epoch
+    run(tmp_path, *opts, "--stop-after", "5", out="resumed")
+    run(tmp_path, *opts, "--resume", out="resumed")
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["position"] == b["position"] and a["position"]["epoch"] >= 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 # ----------------------------------------------------------------------------- distributed
 # Two gloo processes, each with half of a batch, must produce the loss and the gradients of one

@@ -376,16 +376,19 @@ def bench_data(args):
             n += len(batch["caption"]) + batch["skipped"]
         wall, cpu = time.perf_counter() - wall, worker_cpu_seconds(batches.loader, args) - cpu
         decode, pil = bare_decode_rates(image_bytes(source, 300))
-    per_worker = n / max(cpu, 1e-9)
+    per_worker = n / cpu if cpu >= 0.1 else math.nan  # /proc counts CPU time in 10 ms clock ticks
     what = "temporary JPEG shards of the synthetic scenes (384 px)" if args.data == "synthetic" else args.data
-    print(f"data pipeline: {n} samples in batches of {args.batch_size} from {what}, {config.image_size} px out, "
-          f"{args.workers} workers (first batch left out)\n"
-          f"  {n / wall:.0f} samples/s\n"
-          f"  {per_worker:.0f} samples per CPU-second per worker ({cpu:.1f} CPU-s in {max(1, args.workers)} "
-          f"process{'es' if args.workers > 1 else ''})\n"
-          f"  bare decode of the same images, one thread: {decode:.0f} per CPU-second (torchvision), "
-          f"{pil:.0f} (PIL)\n"
-          f"  at {per_worker:.0f} per worker, 2,000 pairs/s need {math.ceil(2000 / per_worker)} workers")
+    lines = [f"data pipeline: {n} samples in batches of {args.batch_size} from {what}, {config.image_size} px "
+             f"out, {args.workers} worker{'s' if args.workers != 1 else ''} (first batch left out)",
+             f"  {n / wall:.0f} samples/s",
+             f"  {per_worker:.0f} samples per CPU-second per worker ({cpu:.2f} CPU-s in the "
+             f"{'workers' if args.workers else 'main process'})" if per_worker == per_worker else
+             f"  samples per CPU-second per worker: {cpu:.2f} CPU-s is too little to measure; more --bench-batches",
+             f"  bare decode of the same images, one thread: {decode:.0f} per CPU-second (torchvision), "
+             f"{pil:.0f} (PIL)"]
+    if per_worker == per_worker:
+        lines.append(f"  at {per_worker:.0f} per worker, 2,000 pairs/s need {math.ceil(2000 / per_worker)} workers")
+    print("\n".join(lines))
     return {"samples_per_s": n / wall, "per_cpu_s_per_worker": per_worker, "decode_per_cpu_s": decode}
 
 
