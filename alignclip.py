@@ -2239,14 +2239,9 @@ class SemanticCache:
         stem = os.path.join(cache_dir, f"semantic-{key}")
         return stem + ".npy", stem + ".hashes.npy"
 
-    @classmethod
-    def build(cls, captions, model=None, cache_dir=".cache/semantic", batch_size=256, device="cpu",
-              show_progress=True, encoder=None):
-        """Embed the distinct captions with `model` (default: default_semantic_model()), or reuse the
-        files of an earlier build with the same model and caption set. `encoder`: any object with
-        .encode(list_of_str, batch_size=..., convert_to_numpy=True) -> (n, d_s) array, used instead of
-        loading `model` (which then only names the cache)."""
-        model = default_semantic_model() if model is None else str(model)
+    @staticmethod
+    def _rows(captions):
+        """(distinct captions, their order by hash, the sorted hashes): row k embeds unique[order[k]]."""
         unique = list(dict.fromkeys(captions))
         if not unique:
             raise ValueError("SemanticCache.build got no captions")
@@ -2256,6 +2251,23 @@ class SemanticCache:
         if (hashes[1:] == hashes[:-1]).any():      # about 1 in 10^5 at 10M captions
             k = int(np.argmax(hashes[1:] == hashes[:-1]))
             raise ValueError(f"two captions share a 64-bit hash: {unique[order[k]]!r}, {unique[order[k + 1]]!r}")
+        return unique, order, hashes
+
+    @classmethod
+    def path_for(cls, captions, model=None, cache_dir=".cache/semantic"):
+        """The embeddings file that build() writes for these captions and model (it may not exist yet)."""
+        return cls.paths(cls._rows(captions)[2], default_semantic_model() if model is None else str(model),
+                         cache_dir)[0]
+
+    @classmethod
+    def build(cls, captions, model=None, cache_dir=".cache/semantic", batch_size=256, device="cpu",
+              show_progress=True, encoder=None):
+        """Embed the distinct captions with `model` (default: default_semantic_model()), or reuse the
+        files of an earlier build with the same model and caption set. `encoder`: any object with
+        .encode(list_of_str, batch_size=..., convert_to_numpy=True) -> (n, d_s) array, used instead of
+        loading `model` (which then only names the cache)."""
+        model = default_semantic_model() if model is None else str(model)
+        unique, order, hashes = cls._rows(captions)
         emb_path, hash_path = cls.paths(hashes, model, cache_dir)
         if os.path.isfile(emb_path) and os.path.isfile(hash_path):
             return cls(emb_path)

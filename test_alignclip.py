@@ -1489,16 +1489,34 @@ def test_train_refuses_an_unwritable_cache_folder_before_any_work(tmp_path, monk
 def test_captions_are_listed_once_and_kept_for_later_runs(tmp_path, monkeypatch):
     pattern = _make_shards(tmp_path)
     args = _shard_args(0, model="clip", no_rescale=False, captions=None, cache_dir=str(tmp_path / "cache"))
-    captions, cache = T.captions_and_cache(args, pattern, 0, 1, "cpu")
+    captions, cache = T.captions_and_cache(args, pattern, 0, "cpu")
     assert cache is None and sorted(captions) == sorted(A.TarShards(pattern, None).caption_list())
     assert len(list((tmp_path / "cache").glob("captions-*.jsonl"))) == 1
     monkeypatch.setattr(A.TarShards, "caption_list", lambda self: pytest.fail("listed again"))
-    assert T.captions_and_cache(args, pattern, 0, 1, "cpu")[0] == captions      # read from the file
+    assert T.captions_and_cache(args, pattern, 0, "cpu")[0] == captions      # read from the file
     (tmp_path / "mine.txt").write_text("a cat.\n\n  a dog on a mat. \n")
     args.captions = str(tmp_path / "mine.txt")
-    assert T.captions_and_cache(args, pattern, 0, 1, "cpu")[0] == ["a cat.", "a dog on a mat."]
+    assert T.captions_and_cache(args, pattern, 0, "cpu")[0] == ["a cat.", "a dog on a mat."]
     A.write_captions(tmp_path / "odd.jsonl", ["two\nlines", "ünïcode"])
     assert A.read_captions(tmp_path / "odd.jsonl") == ["two\nlines", "ünïcode"]
+
+
+def test_other_ranks_wait_for_rank_0s_captions_and_embeddings(tmp_path, monkeypatch):
+    import threading
+    pattern = _make_shards(tmp_path)
+    encoder = _CountingEncoder()
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda model, device: encoder)
+    args = _shard_args(0, model="alignclip", no_rescale=False, captions=None, cache_dir=str(tmp_path / "c"),
+                       semantic_model="fake")
+    other = {}
+    rank1 = threading.Thread(target=lambda: other.update(out=T.captions_and_cache(args, pattern, 1, "cpu")))
+    rank1.start()
+    time.sleep(0.5)
+    assert rank1.is_alive() and list((tmp_path / "c").glob("*.jsonl")) == []   # waiting: nothing computed
+    captions, cache = T.captions_and_cache(args, pattern, 0, "cpu")
+    rank1.join(30)
+    assert not rank1.is_alive() and other["out"][0] == captions and other["out"][1].path == cache.path
+    assert len(encoder.calls) == 1 and torch.equal(other["out"][1].lookup(captions), cache.lookup(captions))
 
 
 def test_default_workers_follow_the_cores_per_process(monkeypatch):

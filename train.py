@@ -298,7 +298,7 @@ def steps_per_epoch(source, args, world):
     return len(source) // (args.batch_size * world)
 
 
-def captions_and_cache(args, source, rank, world, device):
+def captions_and_cache(args, source, rank, device):
     """(every training caption, SemanticCache or None), each computed once, by rank 0: the captions
     from --captions, from the source (synthetic, CSV: already in memory) or, for shards, in one pass
     over their text members, kept in --cache-dir for the other ranks and later runs; then the
@@ -316,16 +316,15 @@ def captions_and_cache(args, source, rank, world, device):
             path = os.path.join(args.cache_dir, f"captions-{shards_key(shards.urls)}.jsonl")
             if rank == 0 and not os.path.isfile(path):
                 A.write_captions(path, shards.caption_list())
-            wait_for_rank0(rank, world, "list the captions of the shards")
+            wait_for_rank0(path, rank, "list the captions of the shards")
             captions = A.read_captions(path)
         cache = None
-        if need_cache:
-            build = lambda: A.SemanticCache.build(captions, default_semantic_model(args), args.cache_dir,
-                                                  device=str(device), show_progress=rank == 0)
-            if rank == 0:
-                cache = build()
-            wait_for_rank0(rank, world, "encode the captions with the sentence encoder")
-            cache = cache or build()  # the other ranks find rank 0's files: nothing is encoded
+        if need_cache and rank == 0:
+            cache = A.SemanticCache.build(captions, default_semantic_model(args), args.cache_dir, device=str(device))
+        elif need_cache:
+            path = A.SemanticCache.path_for(captions, default_semantic_model(args), args.cache_dir)
+            wait_for_rank0(path, rank, "encode the captions with the sentence encoder")
+            cache = A.SemanticCache(path)
     except PermissionError as e:
         raise ValueError(str(e)) from None  # an unwritable --cache-dir: one line
     return captions, cache
@@ -337,11 +336,14 @@ def shards_key(urls):
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:20]
 
 
-def wait_for_rank0(rank, world, what):
-    if world > 1:
-        if rank != 0:
-            print(f"rank {rank}: waiting for rank 0 to {what}", flush=True)
-        dist.barrier()
+def wait_for_rank0(path, rank, what):
+    """Other ranks: wait, saying so, until rank 0 has written `path` (atomically). A file, not a
+    barrier: NCCL's barrier times out after 10 minutes, less than encoding 10M captions takes.
+    --cache-dir must be on a file system every rank sees."""
+    if rank != 0 and not os.path.isfile(path):
+        print(f"rank {rank}: waiting for rank 0 to {what} ({path})", flush=True)
+        while not os.path.isfile(path):
+            time.sleep(2)
 
 
 def default_semantic_model(args):
@@ -543,7 +545,7 @@ def setup_run(args):
     ckpt = load_for_resume(resume_path) if resume_path else None
     A.ModelConfig.preset(args.preset)  # unknown preset: a clear error before any work
     train_src, val_src = build_sources(args)
-    captions, cache = captions_and_cache(args, train_src, rank, world, device)
+    captions, cache = captions_and_cache(args, train_src, rank, device)
     if ckpt:
         tokenizer = A.Tokenizer([tuple(m.split(" ")) for m in ckpt["tokenizer"]])
     elif args.tokenizer:
