@@ -308,6 +308,8 @@ def captions_and_cache(args, source, rank, device):
         if need_cache or (isinstance(source, str) and not args.captions):
             A.writable_folder(args.cache_dir)  # a one-line error now, not after an hour of encoding
         if args.captions:
+            if not os.path.isfile(args.captions):
+                raise FileNotFoundError(f"--captions {args.captions}: no such file")
             captions = A.read_captions(args.captions)
         elif not isinstance(source, str):
             captions = source.caption_list()
