@@ -2087,11 +2087,11 @@ def test_csv_and_tar_data_with_bad_samples(tmp_path, monkeypatch):
 
 
 def test_resume_on_shards_with_workers_is_bitwise_exact(tmp_path, monkeypatch):
-    """Shards, 2 persistent workers, an epoch boundary inside the run: stopped at step 5 (inside epoch
-    0: the workers skip 3 and 2 batches) and resumed, the run ends with the weights of the run never
+    """Shards, 2 persistent workers, an epoch boundary inside the run: stopped at step 3 (inside epoch
+    0: the workers skip 2 and 1 batches) and resumed, the run ends with the weights of the run never
     stopped."""
     small_preset(monkeypatch)
-    rows = _write_pairs(tmp_path / "imgs", 14)
+    rows = _write_pairs(tmp_path / "imgs", 6)
     with tarfile.open(tmp_path / "shard-0.tar", "w") as a, tarfile.open(tmp_path / "shard-1.tar", "w") as b:
         for k, (p, c) in enumerate(rows):
             tar = (a, b)[k % 2]
@@ -2100,9 +2100,9 @@ def test_resume_on_shards_with_workers_is_bitwise_exact(tmp_path, monkeypatch):
             info.size = len(c.encode())
             tar.addfile(info, io.BytesIO(c.encode()))
     opts = ["--model", "shared", "--data", str(tmp_path / "shard-{0..1}.tar"), "--batch-size", "2",
-            "--train-num-samples", "16", "--steps", "10", "--workers", "2", "--save-every", "100"]
-    straight = run(tmp_path, *opts, out="straight")     # 16 samples in 2 shards: 8 batches an epoch
-    run(tmp_path, *opts, "--stop-after", "5", out="resumed")
+            "--train-num-samples", "8", "--steps", "6", "--workers", "2", "--save-every", "100"]
+    straight = run(tmp_path, *opts, out="straight")     # 8 samples in 2 shards: 4 batches an epoch
+    run(tmp_path, *opts, "--stop-after", "3", out="resumed")
     run(tmp_path, *opts, "--resume", out="resumed")
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
