@@ -48,6 +48,7 @@ import re
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
 import warnings
 
@@ -62,7 +63,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, get_worker_info, IterableDataset, Sampler
 from torchvision.transforms import InterpolationMode
-import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as TF
+try:  # deprecated since torchvision 0.29 (TorchCodec takes over); read_image uses PIL if they are gone
+    from torchvision.io import decode_image, ImageReadMode
+except ImportError:
+    decode_image = None
 
 
 # -----------------------------------------------------------------------------
@@ -1522,12 +1527,16 @@ def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Data: image-caption pairs, augmentation, batching, and the sentence-encoder (SBERT) cache.
 #
-# Three sources of (PIL image, caption) pairs:
+# Three sources of (image, caption) pairs:
 #   SyntheticScenes  built in, drawn procedurally (no files): shapes of named colours at named places
 #   CsvPairs         a CSV/TSV of image paths and captions (OpenCLIP's --csv-img-key/--csv-caption-key)
 #   TarShards        WebDataset .tar shards as img2dataset writes them, read as a stream
 # A bad sample (unreadable image, empty caption, half a pair) is None, never an exception mid-epoch;
 # Collate drops it and counts it in batch["skipped"].
+#
+# The images travel as uint8. DataLoader workers decode the bytes (torchvision), crop and resize to
+# uint8 (3, S, S); the batch goes to the device as uint8 (4x less to copy than float32) and
+# normalize_images converts it there. Shards are shuffled as raw bytes, decoded after the shuffle.
 #
 # Exact resume. Every random choice of the input pipeline is a pure function of its coordinates:
 #   permutation <- (seed, epoch)        (ResumableSampler)
@@ -1582,42 +1591,93 @@ def random_resized_crop_params(height, width, scale, ratio, generator=None):
 
 
 class ImageTransform:
-    """PIL image -> normalised (3, S, S) float32 tensor. Call as transform(img, generator).
+    """Image -> uint8 (3, S, S) tensor. Call as transform(img, generator); img is a uint8 (C, H, W)
+    tensor (read_image) or a PIL image (converted first).
 
-    train=True: random resized crop (area scale 0.9-1.0, aspect 3/4-4/3, bicubic), drawn from
-    `generator` (the global RNG if None, which is then not reproducible across workers).
-    train=False: resize the shorter side to S (bicubic), centre crop S x S; generator unused.
-    A plain class, so it pickles into DataLoader workers.
+    train=True: random resized crop (area scale 0.9-1.0, aspect 3/4-4/3), drawn from `generator`
+    (the global RNG if None, which is then not reproducible across workers).
+    train=False: resize the shorter side to S, centre crop S x S (CLIP's evaluation transform);
+    generator unused. Both resize bicubic with antialiasing, as CLIP (torchvision's tensor kernel).
+    The output stays uint8, 4x smaller than float32 between processes: normalize_images converts it
+    on the device. A plain class, so it pickles into DataLoader workers.
     """
 
-    def __init__(self, image_size, train, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), mean=CLIP_MEAN,
-                 std=CLIP_STD):
+    def __init__(self, image_size, train, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
         self.image_size, self.train = image_size, train
-        self.scale, self.ratio, self.mean, self.std = tuple(scale), tuple(ratio), mean, std
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
 
     def __call__(self, img, generator=None):
-        img = img if img.mode == "RGB" else img.convert("RGB")
-        size = self.image_size
+        img = img if isinstance(img, torch.Tensor) else pil_to_uint8(img)   # (3, H, W) uint8
+        size, bicubic = self.image_size, InterpolationMode.BICUBIC
         if self.train:
-            i, j, h, w = random_resized_crop_params(img.height, img.width, self.scale, self.ratio, generator)
-            img = TF.resized_crop(img, i, j, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
-        else:
-            img = TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC, antialias=True), size)
-        return TF.normalize(TF.to_tensor(img), self.mean, self.std)  # (3, S, S)
+            i, j, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], self.scale, self.ratio,
+                                                    generator)
+            return TF.resized_crop(img, i, j, h, w, [size, size], bicubic, antialias=True)  # (3, S, S)
+        return TF.center_crop(TF.resize(img, [size], bicubic, antialias=True), [size, size])  # (3, S, S)
 
     def __repr__(self):
         return f"ImageTransform(image_size={self.image_size}, train={self.train})"
 
 
 def image_transform(image_size, train):
-    """The CLIP preprocessing: see ImageTransform."""
+    """The CLIP preprocessing, up to normalisation: see ImageTransform and normalize_images."""
     return ImageTransform(image_size, train)
 
 
+def normalize_images(images, dtype=torch.float32):
+    """uint8 (B, 3, S, S) images, already on the device -> CLIP's normalised input: (x / 255 - mean) / std,
+    the division by 255 folded into the mean and std. Floating-point input is taken as already
+    normalised and returned unchanged."""
+    if images.is_floating_point():
+        return images
+    mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, dtype=dtype, device=images.device).view(3, 1, 1) * 255
+    return (images.to(dtype) - mean) / std                                         # (B, 3, S, S)
+
+
+def read_image(source):
+    """uint8 (3, H, W) RGB tensor from a path or bytes; None if it cannot be read.
+
+    torchvision decodes (JPEG, PNG, WebP, GIF, ...; grey, palette and CMYK become RGB, alpha is
+    dropped); what it cannot decode (BMP, TIFF, ...) goes through PIL. 16-bit images keep their
+    brightness: the high byte of each sample, never a clip at 255."""
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError:
+        return None
+    img = _torchvision_decode(data) if data else None
+    if img is None:
+        pil = open_rgb(data)
+        return None if pil is None else pil_to_uint8(pil)
+    return img
+
+
+def _torchvision_decode(data):
+    if decode_image is None:
+        return None
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+    img = img[0] if img.ndim == 4 else img                          # an animated GIF: its first frame
+    return img if img.dtype == torch.uint8 else (img.to(torch.int32) >> 8).to(torch.uint8)  # 16 bit
+
+
+def pil_to_uint8(img):
+    """PIL image -> uint8 (3, H, W) RGB tensor; 16-bit grey (mode I;16, I) scaled to 8 bits."""
+    if img.mode.startswith("I"):
+        grey = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8   # PIL's convert("RGB") would clip at 255
+        img = Image.fromarray(grey.astype(np.uint8))
+    return TF.pil_to_tensor(img if img.mode == "RGB" else img.convert("RGB"))
+
+
 def open_rgb(source):
-    """PIL RGB image from a path or bytes, fully decoded now; None if it cannot be read."""
+    """PIL RGB image from a path or bytes, fully decoded now; None if it cannot be read.
+    16-bit grey images are scaled to 8 bits (not clipped to white)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.mode.startswith("I"):
+                return TF.to_pil_image(pil_to_uint8(img))
             return img.convert("RGB")  # convert() decodes the whole file, so truncation shows here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
@@ -1874,10 +1934,10 @@ class CsvPairs(Dataset):
     """Rows of a CSV (or TSV) file: image path in column image_key, caption in caption_key.
 
     sep=None: tab for .tsv, comma otherwise. Relative paths resolve against root (default: the
-    CSV's folder). Item i is (PIL RGB image, caption) or None if the image cannot be read or the
-    caption is empty. A missing file or column, or text that is not UTF-8, fails here, before any
-    training starts; options= names how the caller's user sets image_key, caption_key and sep
-    (train.py: its --csv-* flags) for the error messages.
+    CSV's folder). Item i is (uint8 (3, H, W) RGB tensor, caption) or None if the image cannot be
+    read or the caption is empty. A missing file or column, or text that is not UTF-8, fails here,
+    before any training starts; options= names how the caller's user sets image_key, caption_key and
+    sep (train.py: its --csv-* flags) for the error messages.
     """
 
     def __init__(self, path, image_key="filepath", caption_key="title", sep=None, root=None, options=None):
@@ -1914,7 +1974,7 @@ class CsvPairs(Dataset):
     def __getitem__(self, i):
         if not self.texts[i]:
             return None
-        img = open_rgb(self.root / self.paths[i])  # an absolute path ignores root
+        img = read_image(self.root / self.paths[i])  # an absolute path ignores root
         return None if img is None else (img, self.texts[i])
 
     def caption_list(self):
@@ -1981,14 +2041,16 @@ def _split_top_level(body):
 
 
 def _tar_groups(url, only=None):
-    """Yield (key, {extension: bytes}) for runs of consecutive members with the same key, reading
-    the tar as a stream ('r|*': no seeking, no extraction to disk). The key is the path up to the
-    first dot of the file name, as in webdataset: 'dir/000123.jpg' -> ('dir/000123', 'jpg').
-    only: a set of extensions to read (the others are streamed past). A damaged stream ends the
-    shard with a warning (the samples already read are kept)."""
-    key, group = None, {}
+    """Yield (key, {extension: bytes}) for runs of consecutive members with the same key. The key is
+    the path up to the first dot of the file name, as in webdataset: 'dir/000123.jpg' -> ('dir/000123',
+    'jpg'). The tar is read as a stream ('r|*': no seeking, no extraction to disk).
+    only: a set of extensions to read; an uncompressed tar is then read by seeking past the other
+    members, so listing the captions of a shard reads its headers and texts, not its images.
+    A damaged shard (data cut short, a header cut or garbled, no end-of-archive marker) warns and
+    ends with one (key, None) item, so that the loss is counted; the samples read before are kept."""
+    key, group, damage = None, {}, None
     try:
-        with tarfile.open(url, mode="r|*") as tar:
+        with tarfile.open(url, mode="r:" if only is not None and _plain_tar(url) else "r|*") as tar:
             for member in tar:
                 m = re.fullmatch(r"((?:.*/)?[^./][^.]*)\.([^/]*)", member.name)
                 if not member.isfile() or m is None:
@@ -2000,10 +2062,36 @@ def _tar_groups(url, only=None):
                 ext = m.group(2).lower()
                 if only is None or ext in only:
                     group[ext] = tar.extractfile(member).read()
+            damage = _tar_tail_problem(url, tar)
     except (tarfile.TarError, OSError, EOFError) as e:
-        warnings.warn(f"{url}: damaged tar stream after sample {key!r} ({e}); rest of the shard skipped")
+        damage = str(e)
+    if damage:
+        warnings.warn(f"{url}: damaged tar after sample {key!r} ({damage}); rest of the shard skipped")
     if group:
         yield key, group
+    if damage:
+        yield key, None
+
+
+def _plain_tar(url):
+    """True unless the file starts like gzip, bzip2, xz or zstd data."""
+    with open(url, "rb") as f:
+        head = f.read(6)
+    return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
+
+
+def _tar_tail_problem(url, tar):
+    """Why a tar that tarfile read to its end is incomplete, or None. tarfile ends silently at a
+    header it cannot read (cut, garbled, or missing); a complete tar has only zero bytes (the
+    end-of-archive marker) after its last member."""
+    if getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return None  # compressed: offsets count uncompressed bytes, and a cut fails decompression
+    with open(url, "rb") as f:
+        f.seek(tar.offset)
+        rest = f.read(1 << 20)
+    if not rest:
+        return f"no end-of-archive marker after byte {tar.offset}: cut short?"
+    return None if rest.count(0) == len(rest) else f"unreadable header at byte {tar.offset}"
 
 
 def _shuffled(items, buffer_size, rng):
@@ -2022,16 +2110,20 @@ def _shuffled(items, buffer_size, rng):
 
 class TarShards(IterableDataset):
     """WebDataset-style shards ({key}.jpg|png|webp + {key}.txt [+ {key}.json]) as a stream of
-    {"image": (3, S, S) tensor, "caption": str}, or None for a bad sample (undecodable image,
-    empty caption, image or text missing).
+    {"image": uint8 (3, S, S) tensor, "caption": str}, or None for a bad sample (undecodable image,
+    empty caption, image or text missing, a damaged end of a shard).
 
-    Shards are shuffled per epoch by (seed, epoch) (call set_epoch(e) before each epoch; DataLoader
-    workers get a fresh copy of the dataset every epoch unless persistent_workers=True), then dealt
-    round-robin to the rank x worker slots: slot rank * num_workers + worker_id takes shards
-    slot, slot + world_size * num_workers, ... Within a slot, samples pass a shuffle buffer seeded by
-    (seed, epoch, rank, worker). The crop of a sample is seeded by (seed, epoch, shard name, key),
-    so its pixels do not depend on the number of workers. Slots may get unequal numbers of samples
-    (under DDP, stop every rank at the same step count).
+    Shards are shuffled per epoch by (seed, epoch), then dealt round-robin to the rank x worker
+    slots: slot rank * num_workers + worker_id takes shards slot, slot + world_size * num_workers, ...
+    Within a slot, the raw samples (bytes, not images) pass a shuffle buffer seeded by (seed, epoch,
+    rank, worker), and are decoded after it. The crop of a sample is seeded by (seed, epoch, shard
+    name, key), so its pixels do not depend on the number of workers. Slots may get unequal numbers
+    of samples (under DDP, stop every rank at the same step count).
+
+    set_epoch(e) and start_at(batch, batch_size) are kept in shared memory, so persistent DataLoader
+    workers see them at their next epoch. start_at: resume at batch k of the epoch; each worker
+    passes on the samples of its batches before k (DataLoader takes batches from the workers in
+    turn) as None, without decoding them; drop those k batches from the loader.
     """
 
     def __init__(self, pattern, transform, seed=0, rank=0, world_size=1,
@@ -2045,46 +2137,55 @@ class TarShards(IterableDataset):
                                     f"{missing[0]} (pattern {pattern!r})")
         self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
         self.image_exts, self.shuffle, self.shuffle_buffer = tuple(image_exts), shuffle, shuffle_buffer
-        self.epoch = 0
+        self.position = torch.zeros(3, dtype=torch.long).share_memory_()  # epoch, start batch, batch size
+
+    @property
+    def epoch(self):
+        return int(self.position[0])
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        self.position[0] = epoch
 
-    def shards_for(self, worker_id=0, num_workers=1):
-        """The shards read by this rank's worker `worker_id` in the current epoch, in order."""
-        n = len(self.urls)
-        order = (torch.randperm(n, generator=seeded_generator("shards", self.seed, self.epoch))
+    def start_at(self, batch, batch_size):
+        self.position[1], self.position[2] = batch, batch_size
+
+    def shards_for(self, worker_id=0, num_workers=1, epoch=None):
+        """The shards read by this rank's worker `worker_id` in an epoch (default: the current), in order."""
+        n, epoch = len(self.urls), self.epoch if epoch is None else epoch
+        order = (torch.randperm(n, generator=seeded_generator("shards", self.seed, epoch))
                  if self.shuffle else torch.arange(n))
         slot, slots = self.rank * num_workers + worker_id, self.world_size * num_workers
         return [self.urls[k] for k in order[slot::slots].tolist()]
 
-    def _decode(self, url, key, parts):
-        ext = next((e for e in self.image_exts if e in parts), None)
-        caption = parts["txt"].decode("utf-8", errors="replace").strip() if "txt" in parts else ""
-        if ext is None or not caption:
+    def _decode(self, url, key, parts, epoch):
+        ext = next((e for e in self.image_exts if e in parts), None) if parts is not None else None
+        caption = parts["txt"].decode("utf-8", errors="replace").strip() if ext and "txt" in parts else ""
+        if not caption:
             return None
-        img = open_rgb(parts[ext])
+        img = read_image(parts[ext])
         if img is None:
             return None
         if self.transform is None:  # e.g. for looking at the data
             return {"image": img, "caption": caption}
-        g = seeded_generator("crop", self.seed, self.epoch, os.path.basename(url), key)
+        g = seeded_generator("crop", self.seed, epoch, os.path.basename(url), key)
         return {"image": self.transform(img, g), "caption": caption}
 
-    def __iter__(self):
+    def __iter__(self):  # not a generator: the position is read now, when a worker starts an epoch
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        samples = (self._decode(url, key, parts) for url in self.shards_for(wid, nw)
-                   for key, parts in _tar_groups(url))
+        epoch, start_batch, batch_size = self.position.tolist()
+        raw = ((url, key, parts) for url in self.shards_for(wid, nw, epoch) for key, parts in _tar_groups(url))
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(derive_seed("buffer", self.seed, self.epoch, self.rank, wid))
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        yield from samples
+            rng = random.Random(derive_seed("buffer", self.seed, epoch, self.rank, wid))
+            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        skip = batch_size * len(range(wid, start_batch, nw))  # this worker's share of batches 0 .. k-1
+        return (None if n < skip else self._decode(*sample, epoch) for n, sample in enumerate(raw))
 
     def caption_list(self):
-        """Every non-empty .txt caption of every shard, in shard order: one streaming pass that
-        reads only the text members."""
-        texts = (parts.get("txt", b"") for url in self.urls for _, parts in _tar_groups(url, only={"txt"}))
+        """Every non-empty .txt caption of every shard, in shard order: one pass that reads only the
+        headers and the text members."""
+        texts = (parts.get("txt", b"") for url in self.urls for _, parts in _tar_groups(url, only={"txt"})
+                 if parts is not None)
         return [t for t in (b.decode("utf-8", errors="replace").strip() for b in texts) if t]
 
 
@@ -2094,7 +2195,8 @@ class TarShards(IterableDataset):
 
 
 class PairDataset(Dataset):
-    """Map-style (image tensor, caption) pairs over a source whose item i is (PIL, caption) or None.
+    """Map-style {"image": uint8 (3, S, S), "caption"} items over a source whose item i is (image, caption)
+    or None; the image a uint8 tensor (CsvPairs) or a PIL image (SyntheticScenes).
 
     Keys are (epoch, index) tuples, as ResumableSampler yields them (a plain int means epoch 0, for
     evaluation). The augmentation draws from a generator seeded by (seed, epoch, index).
@@ -2157,10 +2259,11 @@ class ResumableSampler(Sampler):
 
 class Collate:
     """List of items ({"image", "caption"} or None) -> batch dict:
-    image (B, 3, S, S) float32, tokens (B, T) long, semantic (B, d_s) float32 (None without a
-    cache), caption list[str], skipped int (the None items dropped).
-    If every item is None the batch has 0 items (caption == [], image and tokens with 0 rows);
-    the training loop should skip it. Picklable for DataLoader workers if the tokenizer is.
+    image (B, 3, S, S) uint8 (normalize_images makes the model's input, on the device), tokens (B, T)
+    long, semantic (B, d_s) float32 (None without a cache), caption list[str], skipped int (the None
+    items dropped). If every item is None the batch has 0 items (caption == [], image and tokens
+    with 0 rows); the training loop should skip it. Picklable for DataLoader workers if the
+    tokenizer is.
     """
 
     def __init__(self, tokenizer, cache=None, context_length=77):
@@ -2173,7 +2276,7 @@ class Collate:
             image = torch.stack([x["image"] for x in kept])                        # (B, 3, S, S)
             tokens = self.tokenizer(captions, context_length=self.context_length)   # (B, T)
         else:
-            image = torch.empty(0, 3, 0, 0)
+            image = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
             tokens = torch.empty(0, self.context_length, dtype=torch.long)
         semantic = None if self.cache is None else self.cache.lookup(captions)       # (B, d_s)
         return {"image": image, "tokens": tokens, "semantic": semantic, "caption": captions,
@@ -2222,29 +2325,48 @@ def load_sentence_encoder(name_or_path, device="cpu"):
                            f"offline, pass a local model folder, e.g. default_semantic_model()") from e
 
 
+def caption_hashes(captions):
+    """(n,) int64: the first 8 bytes of each caption's BLAKE2b digest, the same in every process."""
+    digests = b"".join(hashlib.blake2b(c.encode("utf-8"), digest_size=8).digest() for c in captions)
+    return np.frombuffer(digests, dtype="<i8").astype(np.int64)
+
+
+def writable_folder(path):
+    """Create `path` if needed and check that a file can be written there, before any long work;
+    a one-line PermissionError (an OSError) otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to the cache folder {path} ({e.strerror or e}): make it "
+                              f"writable or choose another one (--cache-dir)") from None
+
+
 class SemanticCache:
     """caption -> sentence embedding (float16 on disk, float32 out), memory-mapped.
 
-    Files in cache_dir, named by a hash of (model identifier, sorted set of captions):
-        semantic-<hash>.npy            (N, d_s) float16, row k = embedding of captions[k]
-        semantic-<hash>.captions.json  the N distinct captions, sorted
-    build() returns the existing files when they exist (nothing is encoded), else encodes and writes
-    them atomically. Pickles as its file path, so DataLoader workers reopen the memory map.
+    Files in cache_dir, named by a hash of (model identifier, set of captions):
+        semantic-<hash>.npy          (N, d_s) float16, row k = embedding of the caption whose hash is hashes[k]
+        semantic-<hash>.hashes.npy   (N,) int64 caption hashes (caption_hashes), sorted
+    A lookup hashes the batch's captions and finds their rows with np.searchsorted: no caption -> row
+    dict, so a DataLoader worker holds two memory maps whatever the number of captions (10 million
+    at CC12M scale). build() returns the existing files when they exist (nothing is encoded), else
+    encodes and writes them atomically. Pickles as its file path: each worker maps the files once
+    (train.py's workers persist across epochs).
     """
 
     def __init__(self, path):
         self.path = str(path)
-        self.embeddings = np.load(self.path, mmap_mode="r")  # (N, d_s) float16
-        with open(self.path[:-len(".npy")] + ".captions.json", encoding="utf-8") as f:
-            self.captions = json.load(f)
-        self.row = {c: k for k, c in enumerate(self.captions)}
+        self.embeddings = np.load(self.path, mmap_mode="r")                                # (N, d_s) float16
+        self.hashes = np.load(self.path[:-len(".npy")] + ".hashes.npy", mmap_mode="r")    # (N,) int64
 
     @property
     def dim(self):
         return self.embeddings.shape[1]
 
     def __len__(self):
-        return len(self.captions)
+        return len(self.hashes)
 
     def __getstate__(self):
         return {"path": self.path}
@@ -2253,13 +2375,32 @@ class SemanticCache:
         self.__init__(state["path"])
 
     @staticmethod
-    def paths(captions, model, cache_dir):
-        """(embeddings file, captions file, sorted distinct captions) for this (model, caption set)."""
-        unique = sorted(set(captions))
+    def paths(hashes, model, cache_dir):
+        """(embeddings file, hashes file) for this (model, sorted caption hashes)."""
         model_id = os.path.abspath(model) if os.path.isdir(str(model)) else str(model)
-        key = hashlib.sha256(json.dumps([model_id, unique]).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([model_id, "blake2b-8"]).encode() + hashes.tobytes()).hexdigest()[:20]
         stem = os.path.join(cache_dir, f"semantic-{key}")
-        return stem + ".npy", stem + ".captions.json", unique
+        return stem + ".npy", stem + ".hashes.npy"
+
+    @staticmethod
+    def _rows(captions):
+        """(distinct captions, their order by hash, the sorted hashes): row k embeds unique[order[k]]."""
+        unique = list(dict.fromkeys(captions))
+        if not unique:
+            raise ValueError("SemanticCache.build got no captions")
+        hashes = caption_hashes(unique)
+        order = np.argsort(hashes)                 # rows in hash order, as lookup's searchsorted needs
+        hashes = hashes[order]
+        if (hashes[1:] == hashes[:-1]).any():      # about 1 in 10^5 at 10M captions
+            k = int(np.argmax(hashes[1:] == hashes[:-1]))
+            raise ValueError(f"two captions share a 64-bit hash: {unique[order[k]]!r}, {unique[order[k + 1]]!r}")
+        return unique, order, hashes
+
+    @classmethod
+    def path_for(cls, captions, model=None, cache_dir=".cache/semantic"):
+        """The embeddings file that build() writes for these captions and model (it may not exist yet)."""
+        return cls.paths(cls._rows(captions)[2], default_semantic_model() if model is None else str(model),
+                         cache_dir)[0]
 
     @classmethod
     def build(cls, captions, model=None, cache_dir=".cache/semantic", batch_size=256, device="cpu",
@@ -2269,22 +2410,20 @@ class SemanticCache:
         .encode(list_of_str, batch_size=..., convert_to_numpy=True) -> (n, d_s) array, used instead of
         loading `model` (which then only names the cache)."""
         model = default_semantic_model() if model is None else str(model)
-        emb_path, cap_path, unique = cls.paths(captions, model, cache_dir)
-        if not unique:
-            raise ValueError("SemanticCache.build got no captions")
-        if os.path.isfile(emb_path) and os.path.isfile(cap_path):
+        unique, order, hashes = cls._rows(captions)
+        emb_path, hash_path = cls.paths(hashes, model, cache_dir)
+        if os.path.isfile(emb_path) and os.path.isfile(hash_path):
             return cls(emb_path)
-        os.makedirs(cache_dir, exist_ok=True)
+        writable_folder(cache_dir)  # before loading the encoder and encoding anything
         encoder = encoder if encoder is not None else load_sentence_encoder(model, device)
         tmp = f"{emb_path}.{os.getpid()}.tmp.npy"
         bar = _caption_bar(len(unique)) if show_progress else None
         out, chunk = None, batch_size * 8
         for lo in range(0, len(unique), chunk):
-            texts = unique[lo:lo + chunk]
+            texts = [unique[k] for k in order[lo:lo + chunk]]
             e = np.asarray(encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True))  # (n, d_s)
             if out is None:  # written straight to disk: the caption set may not fit in memory
-                shape = (len(unique), e.shape[1])
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(unique), e.shape[1]))
             out[lo:lo + len(e)] = e
             if bar is not None:
                 bar.update(len(e))
@@ -2292,21 +2431,35 @@ class SemanticCache:
             bar.close()
         out.flush()
         del out
-        _atomic_write_text(cap_path, json.dumps(unique))
-        os.replace(tmp, emb_path)  # last: the .npy existing means the cache is complete
+        np.save(f"{hash_path}.{os.getpid()}.tmp.npy", hashes)
+        os.replace(f"{hash_path}.{os.getpid()}.tmp.npy", hash_path)
+        os.replace(tmp, emb_path)  # last: the embeddings file existing means the cache is complete
         return cls(emb_path)
 
     def lookup(self, captions):
         """(B, d_s) float32 embeddings of `captions`, in order."""
-        rows = []
-        for c in captions:
-            if c not in self.row:
-                raise ValueError(f"caption not in the semantic cache {self.path}: {c!r}; build the cache "
-                                 f"from every caption the data can yield (dataset.caption_list())")
-            rows.append(self.row[c])
-        if not rows:
+        if not captions:
             return torch.empty(0, self.dim)
-        return torch.from_numpy(self.embeddings[np.asarray(rows)].astype(np.float32))  # (B, d_s)
+        wanted = caption_hashes(captions)
+        rows = np.searchsorted(self.hashes, wanted).clip(max=len(self.hashes) - 1)
+        missing = self.hashes[rows] != wanted
+        if missing.any():
+            raise ValueError(f"caption not in the semantic cache {self.path}: {captions[int(np.argmax(missing))]!r}; "
+                             f"build the cache from every caption the data can yield (dataset.caption_list())")
+        return torch.from_numpy(self.embeddings[rows].astype(np.float32))  # (B, d_s)
+
+
+def read_captions(path):
+    """Captions from a file: one JSON string per line (.jsonl, as write_captions writes them), else
+    one caption per line; blank lines are ignored."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [json.loads(line) if str(path).endswith(".jsonl") else line for line in lines if line]
+
+
+def write_captions(path, captions):
+    """Write captions for read_captions, atomically (JSON lines: a caption may hold a newline)."""
+    _atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions))
 
 
 def _caption_bar(total):
@@ -2360,7 +2513,8 @@ def evaluate_pairs(model, tokenizer, dataset, device="cpu", batch_size=256, work
         indices = [i for i in range(len(dataset)) if dataset[i] is not None]
     loader = DataLoader(_EvalImages(dataset, indices, image_transform(model.config.image_size, train=False)),
                         batch_size=batch_size, num_workers=workers)
-    image_emb = embed_images(model, loader, device=device)                        # (n, D)
+    batches = (normalize_images(x.to(device, non_blocking=True)) for x in loader)  # uint8 -> float on the device
+    image_emb = embed_images(model, batches, device=device)                       # (n, D)
     captions = [_captions_of(dataset, i) for i in indices]
     texts = [c for caps in captions for c in caps]
     owner = [k for k, caps in enumerate(captions) for _ in caps]

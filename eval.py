@@ -143,7 +143,7 @@ def resolve_templates(spec, default):
 class EvalSet:
     name: str                               # column title in the tables
     key: str                                # identity of the images, for the embedding cache
-    base: Optional[Dataset] = None          # item i: None or (PIL image, label)
+    base: Optional[Dataset] = None          # item i: None or (PIL image or uint8 tensor, label)
     stream: Optional[Callable] = None       # or: transform -> IterableDataset of None or (tensor, label)
     classnames: Optional[list] = None       # classification sets: one name per class
     templates: Optional[list] = None        # ... and the prompt templates of the ensemble
@@ -160,7 +160,7 @@ class EvalSet:
 
 
 class Items(Dataset):
-    """base[i] -> None or (PIL image, label)  ==>  None or (transform(image), label)."""
+    """base[i] -> None or (image, label)  ==>  None or (transform(image): uint8 (3, S, S), label)."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -187,7 +187,7 @@ class SyntheticItems(Dataset):
 
 
 class CsvItems(Dataset):
-    """A.CsvPairs rows as (PIL image, row index); None for a bad row."""
+    """A.CsvPairs rows as (uint8 image tensor, row index); None for a bad row."""
 
     def __init__(self, pairs):
         self.pairs = pairs
@@ -201,7 +201,7 @@ class CsvItems(Dataset):
 
 
 class ImageFiles(Dataset):
-    """A list of image paths as (PIL image, index)."""
+    """A list of image paths as (uint8 (3, H, W) image tensor, index)."""
 
     def __init__(self, paths):
         self.paths = paths
@@ -210,7 +210,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        img = A.open_rgb(self.paths[i])
+        img = A.read_image(self.paths[i])
         return None if img is None else (img, i)
 
 
@@ -630,7 +630,7 @@ class Encoder:
 
     def images(self, s: EvalSet):
         """(N, D) image embeddings and the N labels of the readable images of s."""
-        out = self._cached("images", [s.key, "eval-transform"], lambda: self._encode_images(s))
+        out = self._cached("images", [s.key, "eval-transform-uint8"], lambda: self._encode_images(s))
         return out["emb"], out["labels"]
 
     @torch.no_grad()
@@ -644,7 +644,8 @@ class Encoder:
                 if batch is None:
                     continue
                 with self._autocast():
-                    embs.append(self.model.encode_image(batch[0].to(self.device, non_blocking=True)).float().cpu())
+                    images = A.normalize_images(batch[0].to(self.device, non_blocking=True))  # uint8 -> float here
+                    embs.append(self.model.encode_image(images).float().cpu())
                 labels += batch[1]
                 bar.update(len(batch[1]))
         emb = torch.cat(embs) if embs else torch.empty(0, self.model.config.embed_dim)
@@ -1078,7 +1079,7 @@ def pick_caption(captions, seed, epoch, i):
 def finetune_loss(model, images, captions, tokenizer, settings, cache, device):
     tokens = tokenizer(captions, context_length=model.config.context_length).to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        img, txt, scale = model(images.to(device, non_blocking=True), tokens)
+        img, txt, scale = model(A.normalize_images(images.to(device, non_blocking=True)), tokens)
     img, txt, scale = img.float(), txt.float(), scale.float()
     if settings["loss"] == "clip":
         return A.clip_loss(img, txt, scale)

@@ -1428,7 +1428,7 @@ def test_synthetic_speed_is_printed():
         pairs[(0, i)]
     t2 = time.perf_counter()
     item = pairs[(0, 0)]
-    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.uint8
     assert item["caption"] == ds.caption(0)
     print(f"synthetic scenes: {len(ds) / (t1 - t0):.0f} images/s drawn, "
           f"{len(ds) / (t2 - t1):.0f} pairs/s drawn + augmented + captioned (one core)")
@@ -1450,14 +1450,15 @@ def test_transform_is_a_function_of_the_generator():
     x1 = train(img, torch.Generator().manual_seed(1))
     torch.manual_seed(123)  # the global RNG plays no part
     x2 = train(img, torch.Generator().manual_seed(1))
-    assert x1.shape == (3, 64, 64) and x1.dtype == torch.float32 and torch.equal(x1, x2)
+    assert x1.shape == (3, 64, 64) and x1.dtype == torch.uint8 and torch.equal(x1, x2)
     diffs = [not torch.equal(x1, train(img, torch.Generator().manual_seed(s))) for s in range(2, 7)]
     assert any(diffs)
     ev = A.image_transform(32, train=False)
     assert ev(Image.new("L", (90, 50)), None).shape == (3, 32, 32)          # grey, not square
     assert ev(Image.new("RGBA", (50, 90)), None).shape == (3, 32, 32)
-    white = ev(Image.new("RGB", (40, 40), (255, 255, 255)))
-    torch.testing.assert_close(white[:, 0, 0], (1 - torch.tensor(A.CLIP_MEAN)) / torch.tensor(A.CLIP_STD))
+    white = A.normalize_images(ev(Image.new("RGB", (40, 40), (255, 255, 255)))[None], torch.float64)[0]
+    torch.testing.assert_close(white[:, 0, 0], (1 - torch.tensor(A.CLIP_MEAN, dtype=torch.float64))
+                               / torch.tensor(A.CLIP_STD, dtype=torch.float64))
     assert pickle.loads(pickle.dumps(train)).train
 
 
@@ -1477,7 +1478,7 @@ def test_csv_bad_rows_become_none_and_are_counted(tmp_path, suffix):
     ds = A.CsvPairs(tmp_path / f"pairs{suffix}")
     assert len(ds) == 5
     assert ds.caption_list() == ["a red thing", "a blue, quoted thing", "corrupt image", "no file"]
-    assert ds[0][0].size == (20, 16) and ds[1][1] == "a blue, quoted thing"
+    assert ds[0][0].shape == (3, 16, 20) and ds[0][0].dtype == torch.uint8 and ds[1][1] == "a blue, quoted thing"
     assert ds[2] is None and ds[3] is None and ds[4] is None
     pairs = A.PairDataset(ds, A.image_transform(24, train=True))
     batch = A.Collate(_hash_tokenizer, None, 16)([pairs[(0, i)] for i in range(4)])
@@ -1669,6 +1670,294 @@ def test_real_sentence_encoder_on_a_few_captions(tmp_path):
 
 
 
+# ----------------------------------------------------------------------------- the uint8 pipeline
+
+def test_normalize_images_is_clips_normalisation_on_any_device_dtype():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(A.CLIP_MEAN, dtype=torch.float64), torch.tensor(A.CLIP_STD, dtype=torch.float64)
+    expected = (x.double() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    torch.testing.assert_close(A.normalize_images(x, torch.float64), expected, rtol=1e-12, atol=1e-12)
+    got = A.normalize_images(x)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-5)
+    assert A.normalize_images(expected) is expected               # floats: already normalised
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A.normalize_images(x).dtype == torch.float32
+
+
+def _pil_eval_reference(img, size):
+    """The evaluation transform before the uint8 pipeline: PIL bicubic resize, centre crop, to_tensor,
+    normalise on the CPU."""
+    import torchvision.transforms.functional as TF1
+    from torchvision.transforms import InterpolationMode
+    img = TF1.center_crop(TF1.resize(img, size, InterpolationMode.BICUBIC, antialias=True), size)
+    return TF1.normalize(TF1.to_tensor(img), A.CLIP_MEAN, A.CLIP_STD)
+
+
+def test_tensor_eval_path_gives_the_pil_paths_embeddings_within_1e_3(capsys):
+    """The tensor bicubic kernel differs from PIL's by a level or so on a few pixels: the embeddings
+    (float64 model, so only the input differs) stay within 1e-3."""
+    scenes = A.SyntheticScenes("val", size=16, image_size=96)
+    cfg = A.ModelConfig.preset("tiny", width=64, layers=2, heads=2, embed_dim=32, image_size=64, patch_size=8,
+                               vocab_size=100, eot_id=99, context_length=8)
+    torch.manual_seed(0)
+    model = A.CLIP(cfg).double().eval()
+    transform = A.image_transform(64, train=False)
+    noise = np.random.default_rng(0).integers(0, 256, (4, 80, 96, 3), dtype=np.uint8)  # the hardest case
+    pngs = ([_png_bytes(scenes.image(i).crop((0, 8, 96, 88))) for i in range(len(scenes))]  # 96 x 80: not square
+            + [_png_bytes(Image.fromarray(x)) for x in noise])
+    old = torch.stack([_pil_eval_reference(A.open_rgb(b), 64) for b in pngs]).double()
+    new = A.normalize_images(torch.stack([transform(A.read_image(b)) for b in pngs]), torch.float64)
+    with torch.no_grad():
+        e_old, e_new = model.encode_image(old), model.encode_image(new)
+    pixel = ((old - new) * torch.tensor(A.CLIP_STD, dtype=torch.float64).view(3, 1, 1) * 255).abs()
+    diff = (e_old - e_new).abs().max().item()
+    print(f"tensor vs PIL evaluation transform: embeddings differ by at most {diff:.2e} "
+          f"(pixels: mean {pixel.mean():.3f}, max {pixel.max():.1f} levels of 255)")
+    assert diff < 1e-3 and pixel.mean() < 1.0
+
+
+def test_16_bit_png_keeps_its_brightness():
+    grey = (np.arange(48 * 64).reshape(48, 64) * 21 % 65536).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    expected = torch.from_numpy((grey >> 8).astype(np.uint8)).expand(3, -1, -1)
+    assert torch.equal(A.read_image(buf.getvalue()), expected)                       # torchvision
+    assert torch.equal(A.pil_to_uint8(Image.open(io.BytesIO(buf.getvalue()))), expected)  # the PIL fallback
+    assert np.array_equal(np.asarray(A.open_rgb(buf.getvalue())), expected.permute(1, 2, 0).numpy())
+    assert int(expected.float().mean()) < 200   # the old path turned nearly all of it white (255)
+
+
+def test_read_image_formats_and_failures(tmp_path):
+    for mode, fmt in [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "GIF"), ("RGB", "BMP"), ("RGB", "TIFF")]:
+        buf = io.BytesIO()
+        Image.new(mode, (10, 6)).save(buf, format=fmt)
+        img = A.read_image(buf.getvalue())
+        assert img.shape == (3, 6, 10) and img.dtype == torch.uint8, (mode, fmt)   # BMP, TIFF: through PIL
+    jpeg = _image_bytes((10, 200, 30), "JPEG")
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    assert torch.equal(A.read_image(tmp_path / "a.jpg"), A.read_image(jpeg))
+    assert A.read_image(jpeg[: len(jpeg) // 2]) is None and A.read_image(b"garbage") is None
+    assert A.read_image(tmp_path / "missing.jpg") is None
+
+
+def test_shards_are_shuffled_as_bytes_and_decoded_after(tmp_path, monkeypatch):
+    pattern = _make_shards(tmp_path)
+    decoded = []
+    real = A.read_image
+    monkeypatch.setattr(A, "read_image", lambda data: decoded.append(1) or real(data))
+    ds = A.TarShards(pattern, A.image_transform(8, train=True), shuffle_buffer=10)
+    it = iter(ds)
+    next(it)
+    assert len(decoded) <= 1  # the buffer of 10 is full of raw samples; decoding them first would make 11
+    assert len(list(it)) == 17 and len(decoded) == 16  # each sample with an image and a caption, once
+
+
+def _shard_args(workers, **kw):
+    import argparse
+    return argparse.Namespace(**dict(dict(seed=3, batch_size=2, workers=workers, device="cpu"), **kw))
+
+
+def _batches(batches, epoch, start):
+    return [(b["caption"], b["image"], b["skipped"]) for b in batches(epoch, start)]
+
+
+def test_one_persistent_loader_replays_every_epoch_and_resume_exactly(tmp_path, monkeypatch):
+    """Shards (3 shards, 2 workers: one worker runs out first) and a map-style source, through one
+    persistent DataLoader: every (epoch, start batch) gives what a new loader gives from the epoch's
+    start (with as many workers for shards: their order depends on the worker count; a map-style
+    source gives the same batches with any number)."""
+    pattern = _make_shards(tmp_path)
+    cfg = A.ModelConfig.preset("tiny", image_size=16, context_length=8)
+    scenes = A.SyntheticScenes("train", size=12, image_size=24)
+    for source in (pattern, scenes):
+        persistent = T.make_loader(source, _shard_args(2), _hash_tokenizer, None, cfg, 0, 1)
+        assert persistent.loader.persistent_workers and persistent.loader.prefetch_factor == 4
+        for epoch, start in [(0, 0), (1, 0), (1, 5), (0, 3)]:
+            fresh = T.make_loader(source, _shard_args(2 if source is pattern else 0), _hash_tokenizer, None,
+                                  cfg, 0, 1)
+            want = _batches(fresh, epoch, 0)[start:]
+            got = _batches(persistent, epoch, start)
+            assert len(got) == len(want) > 0
+            for (c1, x1, s1), (c2, x2, s2) in zip(got, want):
+                assert c1 == c2 and torch.equal(x1, x2) and s1 == s2 and x1.dtype == torch.uint8
+
+
+def test_resume_on_shards_skips_samples_without_decoding_them(tmp_path, monkeypatch):
+    pattern = _make_shards(tmp_path)
+    cfg = A.ModelConfig.preset("tiny", image_size=16, context_length=8)
+    batches = T.make_loader(pattern, _shard_args(0), _hash_tokenizer, None, cfg, 0, 1)
+    full = _batches(batches, 2, 0)
+    decoded = []
+    real = A.read_image
+    monkeypatch.setattr(A, "read_image", lambda data: decoded.append(1) or real(data))
+    resumed = _batches(batches, 2, 6)
+    assert [c for c, _, _ in resumed] == [c for c, _, _ in full[6:]]
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(resumed, full[6:]))
+    assert len(decoded) <= 2 * len(resumed)     # only the samples after the resume point
+
+
+def test_tar_cut_inside_a_header_warns_and_counts(tmp_path):
+    samples = [(str(k), {"png": _image_bytes((k, 0, 0)), "txt": b"x%d" % k}) for k in range(4)]
+    _write_shard(tmp_path / "a.tar", samples)
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        header = tar.getmembers()[4].offset  # 2.png's header block
+    data = (tmp_path / "a.tar").read_bytes()
+    collate = A.Collate(_hash_tokenizer, None, 8)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)      # a whole shard: no warning
+        assert [x["caption"] for x in A.TarShards(str(tmp_path / "a.tar"), None, shuffle=False)] == [
+            "x0", "x1", "x2", "x3"]
+    for cut, why in [(header + 100, "unreadable header"), (header, "no end-of-archive marker")]:
+        (tmp_path / "b.tar").write_bytes(data[:cut])
+        ds = A.TarShards(str(tmp_path / "b.tar"), A.image_transform(8, train=False), shuffle=False)
+        with pytest.warns(UserWarning, match=f"b.tar: damaged tar after sample '1'.*{why}"):
+            batch = collate(list(ds))
+        assert batch["caption"] == ["x0", "x1"] and batch["skipped"] == 1   # the damage is counted
+        with pytest.warns(UserWarning, match=why):
+            assert ds.caption_list() == ["x0", "x1"]
+
+
+def test_semantic_cache_worker_memory_is_flat_in_the_number_of_captions(tmp_path):
+    """1M captions: a DataLoader worker that opens the cache and looks up 4,096 captions grows by far
+    less than 100 MB (a caption -> row dict alone would take about 100 MB)."""
+    n = 1_000_000
+    captions = [f"caption number {i}" for i in range(n)]
+    zeros = type("Zeros", (), {"encode": lambda self, texts, **kw: np.zeros((len(texts), 2))})()
+    cache = A.SemanticCache.build(captions, "fake", tmp_path, batch_size=1 << 16, show_progress=False,
+                                  encoder=zeros)
+    assert len(cache) == n
+    loader = DataLoader(_CacheProbe(cache.path, n), batch_size=None, num_workers=1)
+    growth_mb = next(iter(loader)) / 2**20
+    print(f"worker memory growth with a 1M-caption cache: {growth_mb:.1f} MB")
+    assert growth_mb < 100
+
+
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+class _CacheProbe(torch.utils.data.Dataset):
+    def __init__(self, path, n):
+        self.path, self.n = path, n
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        before = _rss_bytes()
+        cache = A.SemanticCache(self.path)
+        rng = random.Random(0)
+        for _ in range(16):
+            cache.lookup([f"caption number {rng.randrange(self.n)}" for _ in range(256)])
+        return _rss_bytes() - before
+
+
+class _NoEncoding:
+    def encode(self, *args, **kw):
+        raise AssertionError("encoded before checking the folder")
+
+
+def test_cache_folder_that_cannot_be_written_fails_before_encoding(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PermissionError, match=r"^cannot write to the cache folder .*a-file/cache \(.*\): make it "
+                                              r"writable or choose another one \(--cache-dir\)$"):
+        A.SemanticCache.build(["a cat."], "fake", tmp_path / "a-file" / "cache", encoder=_NoEncoding())
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_empty_cache_folder_fails_before_encoding(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    with pytest.raises(PermissionError, match="cannot write to the cache folder .*ro .*Permission denied"):
+        A.SemanticCache.build(["a cat."], "fake", folder, encoder=_NoEncoding())
+    assert list(folder.iterdir()) == []
+
+
+def test_train_refuses_an_unwritable_cache_folder_before_any_work(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    monkeypatch.setattr(A.Tokenizer, "train", lambda *a, **k: pytest.fail("tokenizer trained first"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write to the cache folder"):
+        T.main(SMALL + ["--steps", "1", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "a-file" / "c")])
+
+
+def test_captions_are_listed_once_and_kept_for_later_runs(tmp_path, monkeypatch):
+    pattern = _make_shards(tmp_path)
+    args = _shard_args(0, model="clip", no_rescale=False, captions=None, cache_dir=str(tmp_path / "cache"))
+    captions, cache = T.captions_and_cache(args, pattern, 0, "cpu")
+    assert cache is None and sorted(captions) == sorted(A.TarShards(pattern, None).caption_list())
+    assert len(list((tmp_path / "cache").glob("captions-*.jsonl"))) == 1
+    monkeypatch.setattr(A.TarShards, "caption_list", lambda self: pytest.fail("listed again"))
+    assert T.captions_and_cache(args, pattern, 0, "cpu")[0] == captions      # read from the file
+    (tmp_path / "mine.txt").write_text("a cat.\n\n  a dog on a mat. \n")
+    args.captions = str(tmp_path / "mine.txt")
+    assert T.captions_and_cache(args, pattern, 0, "cpu")[0] == ["a cat.", "a dog on a mat."]
+    A.write_captions(tmp_path / "odd.jsonl", ["two\nlines", "ünïcode"])
+    assert A.read_captions(tmp_path / "odd.jsonl") == ["two\nlines", "ünïcode"]
+
+
+def test_other_ranks_wait_for_rank_0s_captions_and_embeddings(tmp_path, monkeypatch):
+    import threading
+    pattern = _make_shards(tmp_path)
+    encoder = _CountingEncoder()
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda model, device: encoder)
+    args = _shard_args(0, model="alignclip", no_rescale=False, captions=None, cache_dir=str(tmp_path / "c"),
+                       semantic_model="fake")
+    other = {}
+    rank1 = threading.Thread(target=lambda: other.update(out=T.captions_and_cache(args, pattern, 1, "cpu")))
+    rank1.start()
+    time.sleep(0.5)
+    assert rank1.is_alive() and list((tmp_path / "c").glob("*.jsonl")) == []   # waiting: nothing computed
+    captions, cache = T.captions_and_cache(args, pattern, 0, "cpu")
+    rank1.join(30)
+    assert not rank1.is_alive() and other["out"][0] == captions and other["out"][1].path == cache.path
+    assert len(encoder.calls) == 1 and torch.equal(other["out"][1].lookup(captions), cache.lookup(captions))
+
+
+def test_default_workers_follow_the_cores_per_process(monkeypatch):
+    for cores, local, expected in [(16, "1", 8), (16, "2", 7), (2, "1", 1), (1, "1", 0), (4, "8", 0)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert T.default_workers() == expected
+    assert T.parse_args(["--workers", "3"]).workers == 3 and T.parse_args([]).workers == T.default_workers()
+
+
+class _BusyItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        t = time.process_time()
+        while time.process_time() - t < 0.1:
+            pass
+        return i
+
+
+def test_worker_cpu_seconds_counts_the_workers_not_the_main_process():
+    loader = DataLoader(_BusyItems(), batch_size=1, num_workers=1, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    before, main = T.worker_cpu_seconds(loader, _shard_args(1)), time.process_time()
+    assert len(list(it)) == 6      # 0.6 CPU-s of work left, less what the worker did before `before`
+    spent = T.worker_cpu_seconds(loader, _shard_args(1)) - before
+    assert 0.35 <= spent < 1.5 and time.process_time() - main < spent / 2
+
+
+def test_bench_data_prints_the_pipeline_rates(tmp_path, capsys):
+    out = T.bench_data(T.parse_args(["--bench-data", "--bench-batches", "3", "--batch-size", "8", "--workers", "1"]))
+    text = capsys.readouterr().out
+    assert "16 samples in batches of 8 from temporary JPEG shards" in text and "64 px out, 1 worker " in text
+    for line in ("samples/s", "samples per CPU-second per worker", "bare decode", "(torchvision)"):
+        assert line in text
+    assert out["samples_per_s"] > 0 and out["decode_per_cpu_s"] > 0
+    if math.isnan(out["per_cpu_s_per_worker"]):   # 16 samples may take less than the 0.1 CPU-s needed
+        assert "too little to measure" in text
+    else:
+        assert "2,000 pairs/s need" in text and out["per_cpu_s_per_worker"] > 0
+
 # =============================================================================
 # eval
 # =============================================================================
@@ -1812,7 +2101,7 @@ def _embed_synthetic(path, n=12):
     scenes = A.SyntheticScenes("val", size=n)
     t = A.image_transform(model.config.image_size, train=False)
     with torch.no_grad():
-        img = model.encode_image(torch.stack([t(scenes.image(i)) for i in range(n)]))
+        img = model.encode_image(A.normalize_images(torch.stack([t(scenes.image(i)) for i in range(n)])))
     return model, tok, img, [scenes.captions(i) for i in range(n)]
 
 
@@ -2041,7 +2330,7 @@ def test_dosnes_and_similarity(ev, one_thread):
     model, tok = A.load_model(ev["align"], with_tokenizer=True)
     t = A.image_transform(model.config.image_size, train=False)
     with torch.no_grad():
-        img = model.encode_image(torch.stack([t(A.open_rgb(p)) for p in images]))
+        img = model.encode_image(A.normalize_images(torch.stack([t(A.read_image(p)) for p in images])))
     want = img @ A.embed_texts(model, tok, texts).T
     torch.testing.assert_close(torch.tensor(sim["alignclip"]), want, atol=1e-5, rtol=1e-5)
     assert sim["texts"] == texts and sim["images"] == ["img0050.png", "img0056.png"]
@@ -2418,6 +2707,29 @@ def test_csv_errors_name_the_file_the_line_and_the_option(tmp_path, monkeypatch)
         run(tmp_path, "--data", str(tmp_path / "cols.csv"), "--steps", "1")
     assert e.value.code == 2
 
+
+def test_resume_on_shards_with_workers_is_bitwise_exact(tmp_path, monkeypatch):
+    """Shards, 2 persistent workers, an epoch boundary inside the run: stopped at step 3 (inside epoch
+    0: the workers skip 2 and 1 batches) and resumed, the run ends with the weights of the run never
+    stopped."""
+    small_preset(monkeypatch)
+    rows = _write_pairs(tmp_path / "imgs", 6)
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as a, tarfile.open(tmp_path / "shard-1.tar", "w") as b:
+        for k, (p, c) in enumerate(rows):
+            tar = (a, b)[k % 2]
+            tar.add(tmp_path / "imgs" / p, arcname=f"{k:05d}.png")
+            info = tarfile.TarInfo(f"{k:05d}.txt")
+            info.size = len(c.encode())
+            tar.addfile(info, io.BytesIO(c.encode()))
+    opts = ["--model", "shared", "--data", str(tmp_path / "shard-{0..1}.tar"), "--batch-size", "2",
+            "--train-num-samples", "8", "--steps", "6", "--workers", "2", "--save-every", "100"]
+    straight = run(tmp_path, *opts, out="straight")     # 8 samples in 2 shards: 4 batches an epoch
+    run(tmp_path, *opts, "--stop-after", "3", out="resumed")
+    run(tmp_path, *opts, "--resume", out="resumed")
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["position"] == b["position"] and a["position"]["epoch"] >= 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 # ----------------------------------------------------------------------------- distributed
 # Two gloo processes, each with half of a batch, must produce the loss and the gradients of one

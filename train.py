@@ -7,6 +7,7 @@
         --tokenizer bpe_simple_vocab_16e6.txt.gz --semantic-model all-mpnet-base-v2 \
         --batch-size 512 --epochs 30 --lr 1e-3 --wd 0.1 --warmup 10000   # the paper's recipe
     torchrun --nproc_per_node=8 train.py ...   # several GPUs: embeddings gathered, global-batch loss
+    python train.py --bench-data --preset ViT-B-16 --batch-size 512   # the input pipeline alone, timed
 
 The sentence-encoder (SBERT) embeddings of the captions are computed once before training and cached
 on disk; they are never recomputed inside a step. Checkpoints (run folder/last.pt) are complete and
@@ -14,6 +15,9 @@ written atomically; --resume continues exactly where a run stopped.
 Left out on purpose: gradient accumulation, patch dropout, EMA, mixed datasets.
 """
 import argparse
+import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -21,6 +25,7 @@ import random
 import signal
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict
@@ -80,7 +85,11 @@ def parse_args(argv=None):
                    help="sentence encoder for the semantic rescaling: a local folder or a name (default: "
                         "the packaged all-MiniLM-L6-v2 for tiny, all-mpnet-base-v2 for ViT-B-16)")
     g.add_argument("--cache-dir", default=".cache", help="where sentence embeddings are cached")
-    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader worker processes (default: min(8, CPU cores per process - 1))")
+    g.add_argument("--captions", default=None,
+                   help="file of every training caption, one a line (or .jsonl: one JSON string a line), "
+                        "for the sentence-embedding cache and the tokenizer; default: listed from the data")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=128, help="pairs per step and per process")
@@ -120,7 +129,17 @@ def parse_args(argv=None):
     g.add_argument("--seeds", default="0", help="with --compare: comma-separated seeds, e.g. 0,1,2")
     g.add_argument("--ablations", action="store_true",
                    help="with --compare: also AlignCLIP with --separate text, --separate both, --no-rescale")
+
+    g = p.add_argument_group("data pipeline benchmark")
+    g.add_argument("--bench-data", action="store_true",
+                   help="run only the training input pipeline (no model) over --data for --bench-batches "
+                        "batches of --batch-size with --workers, at the --preset's image size; print "
+                        "samples/s, samples per CPU-second per worker and the bare decode rate of the "
+                        "same bytes. Without --data: temporary JPEG shards of the synthetic scenes "
+                        "(384 px, quality 90). E.g. --bench-data --preset ViT-B-16 --batch-size 512")
+    g.add_argument("--bench-batches", type=int, default=50, help="with --bench-data: batches to time")
     args = p.parse_args(argv)
+    args.workers = default_workers() if args.workers is None else args.workers
     check_args(args)
     return args
 
@@ -277,20 +296,47 @@ def open_source(path, args):
     raise ValueError(f"--data {path!r}: expected 'synthetic', a .csv/.tsv file or .tar shards")
 
 
-def make_loader(source, args, tokenizer, cache, config, epoch, start_batch, rank, world):
+def default_workers():
+    """min(8, CPU cores per process - 1): the cores this process may run on, shared among the local
+    torchrun processes, less one for the training loop itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+def loader_options(args):
+    """Pinned memory (an asynchronous copy to the GPU), workers that persist across epochs (each
+    unpickles the tokenizer and maps the semantic cache once), 4 batches prefetched per worker."""
+    pin = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if args.workers == 0:
+        return {"num_workers": 0, "pin_memory": pin}
+    return {"num_workers": args.workers, "pin_memory": pin, "persistent_workers": True, "prefetch_factor": 4}
+
+
+def make_loader(source, args, tokenizer, cache, config, rank, world):
+    """batches(epoch, start_batch) -> the batches of that epoch from start_batch on. One DataLoader
+    serves the whole run, so its workers persist; the epoch and start reach them through the sampler
+    (map-style sources) or TarShards' shared position (shards)."""
     collate = A.Collate(tokenizer, cache, config.context_length)
     train_tf = A.image_transform(config.image_size, train=True)
-    if isinstance(source, str):  # WebDataset shards: a stream; resume skips start_batch batches
+    if isinstance(source, str):  # WebDataset shards: a stream
         shards = A.TarShards(source, train_tf, seed=args.seed, rank=rank, world_size=world)
-        shards.set_epoch(epoch)
-        loader = DataLoader(shards, batch_size=args.batch_size, collate_fn=collate,
-                            num_workers=args.workers, drop_last=True)
-        return _skip(loader, start_batch)
-    pairs = A.PairDataset(source, train_tf, seed=args.seed)
-    sampler = A.ResumableSampler(len(pairs), args.batch_size, seed=args.seed, epoch=epoch,
-                                 start_batch=start_batch, rank=rank, world_size=world)
-    return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+        loader = DataLoader(shards, batch_size=args.batch_size, collate_fn=collate, drop_last=True,
+                            **loader_options(args))
+
+        def batches(epoch, start_batch):
+            shards.set_epoch(epoch)
+            shards.start_at(start_batch, args.batch_size)  # the skipped samples arrive undecoded, as None
+            return _skip(loader, start_batch)
+    else:
+        pairs = A.PairDataset(source, train_tf, seed=args.seed)
+        sampler = A.ResumableSampler(len(pairs), args.batch_size, seed=args.seed, rank=rank, world_size=world)
+        loader = DataLoader(pairs, batch_sampler=sampler, collate_fn=collate, **loader_options(args))
+
+        def batches(epoch, start_batch):
+            sampler.epoch, sampler.start_batch = epoch, start_batch
+            return loader
+    batches.loader = loader  # for --bench-data: the worker processes
+    return batches
 
 
 def _skip(loader, n):
@@ -305,12 +351,158 @@ def steps_per_epoch(source, args, world):
     return len(source) // (args.batch_size * world)
 
 
+def captions_and_cache(args, source, rank, device):
+    """(every training caption, SemanticCache or None), each computed once, by rank 0: the captions
+    from --captions, from the source (synthetic, CSV: already in memory) or, for shards, in one pass
+    over their text members, kept in --cache-dir for the other ranks and later runs; then the
+    sentence embeddings (AlignCLIP with rescaling). The other ranks wait, then read the files."""
+    need_cache = args.model == "alignclip" and not args.no_rescale
+    try:
+        if need_cache or (isinstance(source, str) and not args.captions):
+            A.writable_folder(args.cache_dir)  # a one-line error now, not after an hour of encoding
+        if args.captions:
+            if not os.path.isfile(args.captions):
+                raise FileNotFoundError(f"--captions {args.captions}: no such file")
+            captions = A.read_captions(args.captions)
+        elif not isinstance(source, str):
+            captions = source.caption_list()
+        else:
+            shards = A.TarShards(source, None)  # a missing shard: an error naming it
+            path = os.path.join(args.cache_dir, f"captions-{shards_key(shards.urls)}.jsonl")
+            if rank == 0 and not os.path.isfile(path):
+                A.write_captions(path, shards.caption_list())
+            wait_for_rank0(path, rank, "list the captions of the shards")
+            captions = A.read_captions(path)
+        cache = None
+        if need_cache and rank == 0:
+            cache = A.SemanticCache.build(captions, default_semantic_model(args), args.cache_dir, device=str(device))
+        elif need_cache:
+            path = A.SemanticCache.path_for(captions, default_semantic_model(args), args.cache_dir)
+            wait_for_rank0(path, rank, "encode the captions with the sentence encoder")
+            cache = A.SemanticCache(path)
+    except PermissionError as e:
+        raise ValueError(str(e)) from None  # an unwritable --cache-dir: one line
+    return captions, cache
+
+
+def shards_key(urls):
+    """Identity of a set of shards: the hash of their paths, sizes and modification times."""
+    stats = [(os.path.abspath(u), os.stat(u).st_size, os.stat(u).st_mtime_ns) for u in urls]
+    return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:20]
+
+
+def wait_for_rank0(path, rank, what):
+    """Other ranks: wait, saying so, until rank 0 has written `path` (atomically). A file, not a
+    barrier: NCCL's barrier times out after 10 minutes, less than encoding 10M captions takes.
+    --cache-dir must be on a file system every rank sees."""
+    if rank != 0 and not os.path.isfile(path):
+        print(f"rank {rank}: waiting for rank 0 to {what} ({path})", flush=True)
+        while not os.path.isfile(path):
+            time.sleep(2)
+
+
 def default_semantic_model(args):
     if args.semantic_model:
         return args.semantic_model
     if args.preset == "ViT-B-16":
         return "sentence-transformers/all-mpnet-base-v2"
     return A.default_semantic_model()
+
+
+# -----------------------------------------------------------------------------
+# Data pipeline benchmark: python train.py --bench-data
+
+def bench_data(args):
+    """Time the training input pipeline alone (no model): decode, crop, resize, collate, tokenize."""
+    config = A.ModelConfig.preset(args.preset)
+    torch.set_num_threads(1)  # as in DataLoader workers; with --workers 0 this process does their work
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_bench_shards(tmp, args) if args.data == "synthetic" else args.data
+        source = open_source(data, args)
+        sample = A.TarShards(A.expand_braces(source)[0], None) if isinstance(source, str) else source
+        captions = sample.caption_list()[:2000]  # a tokenizer from the first shard, if none is given
+        tokenizer = A.Tokenizer.from_file(args.tokenizer) if args.tokenizer else A.Tokenizer.train(captions, 2000)
+        batches = make_loader(source, args, tokenizer, None, config, 0, 1)
+        it = iter(batches(0, 0))
+        next(it)  # the first batch: worker start-up and the shuffle buffer, left out of the timing
+        wall, cpu, n = time.perf_counter(), worker_cpu_seconds(batches.loader, args), 0
+        for _ in range(args.bench_batches - 1):
+            batch = next(it, None)
+            if batch is None:
+                raise ValueError(f"--data holds fewer than --bench-batches {args.bench_batches} batches")
+            n += len(batch["caption"]) + batch["skipped"]
+        wall, cpu = time.perf_counter() - wall, worker_cpu_seconds(batches.loader, args) - cpu
+        decode, pil = bare_decode_rates(image_bytes(source, 300))
+    per_worker = n / cpu if cpu >= 0.1 else math.nan  # /proc counts CPU time in 10 ms clock ticks
+    what = "temporary JPEG shards of the synthetic scenes (384 px)" if args.data == "synthetic" else args.data
+    lines = [f"data pipeline: {n} samples in batches of {args.batch_size} from {what}, {config.image_size} px "
+             f"out, {args.workers} worker{'s' if args.workers != 1 else ''} (first batch left out)",
+             f"  {n / wall:.0f} samples/s",
+             f"  {per_worker:.0f} samples per CPU-second per worker ({cpu:.2f} CPU-s in the "
+             f"{'workers' if args.workers else 'main process'})" if per_worker == per_worker else
+             f"  samples per CPU-second per worker: {cpu:.2f} CPU-s is too little to measure; more --bench-batches",
+             f"  bare decode of the same images, one thread: {decode:.0f} per CPU-second (torchvision), "
+             f"{pil:.0f} (PIL)"]
+    if per_worker == per_worker:
+        lines.append(f"  at {per_worker:.0f} per worker, 2,000 pairs/s need {math.ceil(2000 / per_worker)} workers")
+    print("\n".join(lines))
+    return {"samples_per_s": n / wall, "per_cpu_s_per_worker": per_worker, "decode_per_cpu_s": decode}
+
+
+def write_bench_shards(folder, args):
+    """JPEG shards (384 px, quality 90) of the synthetic scenes, enough for the benchmark: at least
+    one shard per worker. 256 distinct scenes (drawing is slower than decoding) recur under new keys."""
+    needed = (args.bench_batches + 4 * max(1, args.workers) + 2) * args.batch_size
+    n_shards = max(1, args.workers, math.ceil(needed / 1000))
+    scenes = A.SyntheticScenes("train", size=min(256, needed), image_size=384, seed=args.seed)
+    jpegs = []
+    for i in range(len(scenes)):
+        buf = io.BytesIO()
+        scenes.image(i).save(buf, format="JPEG", quality=90)
+        jpegs.append((buf.getvalue(), scenes.caption(i).encode()))
+    per_shard = math.ceil(needed / n_shards)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"bench-{s:04d}.tar"), "w") as tar:
+            for k in range(s * per_shard, (s + 1) * per_shard):
+                for ext, data in zip(("jpg", "txt"), jpegs[k % len(jpegs)]):
+                    info = tarfile.TarInfo(f"{k:08d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return os.path.join(folder, f"bench-{{0000..{n_shards - 1:04d}}}.tar")
+
+
+def worker_cpu_seconds(loader, args):
+    """CPU time (user + system) so far of the loader's worker processes, from /proc; with no
+    workers, of this process."""
+    if args.workers == 0:
+        return time.process_time()
+    total = 0
+    for w in loader._iterator._workers:  # persistent workers: the DataLoader keeps its iterator
+        with open(f"/proc/{w.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def image_bytes(source, n):
+    """The encoded bytes of the first n images of the data."""
+    if isinstance(source, str):
+        groups = (parts for url in A.expand_braces(source) for _, parts in A._tar_groups(url) if parts)
+        found = (next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None) for parts in groups)
+    else:
+        found = (open(source.root / p, "rb").read() for p in source.paths if os.path.isfile(source.root / p))
+    return [b for b in itertools.islice((b for b in found if b), n)]
+
+
+def bare_decode_rates(blobs):
+    """Images decoded per CPU-second (one thread: see bench_data): torchvision (read_image), then PIL."""
+    rates = []
+    for decode in (A.read_image, A.open_rgb):
+        t = time.process_time()
+        for b in blobs:
+            decode(b)
+        rates.append(len(blobs) / max(time.process_time() - t, 1e-9))
+    return rates
 
 
 # -----------------------------------------------------------------------------
@@ -465,9 +657,9 @@ def weights_and_probe_finite(raw, batch, args, device, dtype, world):
     norms = torch._foreach_norm([p.detach() for p in raw.parameters()], float("inf"))
     flags = [torch.stack(norms).isfinite().all(), torch.ones((), dtype=torch.bool, device=device)]
     if batch is not None:
-        semantic = batch["semantic"].to(device) if batch["semantic"] is not None else None
+        images, tokens, semantic = to_device(batch, device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = compute_loss(raw, batch["image"].to(device), batch["tokens"].to(device), semantic, args)
+            loss, _ = compute_loss(raw, images, tokens, semantic, args)
         flags[1] = loss.isfinite()
     flags = torch.stack(flags).int()
     if world > 1:
@@ -531,18 +723,13 @@ def setup_run(args):
     if steps_per_epoch(train_src, args, world) < 1:
         raise ValueError(f"--data {args.data}: fewer pairs than one global batch of {args.batch_size * world} "
                          "(--batch-size x processes); lower --batch-size")
-    captions = train_src.caption_list() if not isinstance(train_src, str) else A.TarShards(
-        train_src, None).caption_list()
+    captions, cache = captions_and_cache(args, train_src, rank, device)
     if ckpt:
         tokenizer = A.Tokenizer([tuple(m.split(" ")) for m in ckpt["tokenizer"]])
     elif args.tokenizer:
         tokenizer = A.Tokenizer.from_file(args.tokenizer)
     else:
         tokenizer = A.Tokenizer.train(captions, args.vocab_size, verbose=rank == 0)
-    cache = None
-    if args.model == "alignclip" and not args.no_rescale:
-        cache = A.SemanticCache.build(captions, default_semantic_model(args), args.cache_dir,
-                                      device=str(device), show_progress=rank == 0)
     torch.manual_seed(args.seed)
     if ckpt:
         config = A.ModelConfig.from_dict(ckpt["config"])
@@ -623,8 +810,9 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
     estimate = TimeEstimate(t0, pos["step"], total, args.eval_every)
     if args.eval_every and pos["step"] == 0:  # where every curve starts
         estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, 0, bar, log))
+    batches = make_loader(train_src, args, tokenizer, cache, raw.config, rank, world)
     while pos["step"] < total:
-        loader = make_loader(train_src, args, tokenizer, cache, raw.config, pos["epoch"], pos["batch"], rank, world)
+        loader = batches(pos["epoch"], pos["batch"])
         from_start, steps_before = pos["batch"] == 0, pos["step"]
         for batch in loader:
             if pos["step"] >= total:
@@ -740,12 +928,18 @@ class TimeEstimate:
                 f"({per_step:.2f} s per step over steps {step - n + 1}-{step}, {evals} validations left)")
 
 
+def to_device(batch, device):
+    """(images, tokens, semantic) of a batch on the device; images uint8 -> float, CLIP-normalised there."""
+    images = A.normalize_images(batch["image"].to(device, non_blocking=True))
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    semantic = batch["semantic"].to(device, non_blocking=True) if batch["semantic"] is not None else None
+    return images, tokens, semantic
+
+
 def train_step(model, optimizer, scaler, dtype, batch, args, device, world, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
-    images = batch["image"].to(device, non_blocking=True)
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    semantic = batch["semantic"].to(device, non_blocking=True) if batch["semantic"] is not None else None
+    images, tokens, semantic = to_device(batch, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss, parts = compute_loss(model, images, tokens, semantic, args, world)
     optimizer.zero_grad(set_to_none=True)
@@ -893,6 +1087,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
+        if args.bench_data:
+            return bench_data(args)
         if args.compare:
             return compare([a for a in argv if a not in ("--compare", "--ablations")], args)
         status, model, tokenizer, val_src, device = train(args)
