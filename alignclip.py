@@ -607,13 +607,14 @@ class TextStem(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
 
 
-def trim_text_padding(tokens, eot_id, multiple=8):
+def trim_text_padding(tokens, eot_id, multiple=1):
     """(B, T) token ids -> (B, T'): the columns after the batch's last first-end-of-text position
-    dropped, T' rounded up to a multiple of `multiple` (at most T) so that a compiled model sees few
-    distinct lengths. Exact: encode_text reads each row at its first end token, and under causal
-    attention no position reads a later one. Meant for the host, before the batch moves to the
-    device (Collate calls it): there the data-dependent length and the check that every row holds
-    the end-of-text id cost no device sync, and encode_text needs neither."""
+    dropped, T' rounded up to a multiple of `multiple` (at most T). Exact: encode_text reads each
+    row at its first end token, and under causal attention no position reads a later one. Meant
+    for the host, before the batch moves to the device (Collate calls it): there the data-dependent
+    length and the check that every row holds the end-of-text id cost no device sync, and
+    encode_text needs neither. (torch.compile recompiles once for a second length, then treats the
+    length as dynamic.)"""
     if tokens.shape[0] == 0:
         return tokens
     is_eot = tokens == eot_id                                  # (B, T)

@@ -357,11 +357,11 @@ def test_causal_mask_later_token_does_not_change_earlier_outputs():
 def test_end_of_text_found_by_id_not_by_argmax():
     # eot_id deliberately NOT the largest id: the embedding must be read at the eot position
     torch.manual_seed(0)
-    model = A.CLIP(tiny_config(eot_id=3)).eval()
+    model = A.CLIP(tiny_config(eot_id=3)).double().eval()
     tokens = torch.tensor([[1, 250, 200, 3, 0, 0, 0, 0]])  # argmax of ids would pick position 1
     x = model.transformer(model.text(tokens), causal=True)
     expected = F.normalize(model.ln_post(x[:, 3]) @ model.projection, dim=-1)
-    torch.testing.assert_close(model.encode_text(tokens), expected)
+    torch.testing.assert_close(model.encode_text(tokens), expected, rtol=1e-12, atol=1e-12)
     # a row without the end token: the host-side check raises; the model itself (which checks
     # nothing, to stay free of host syncs) gives that row NaN, never a plausible wrong embedding
     missing = torch.tensor([[1, 2, 4, 5], [1, 2, 3, 0]])
@@ -551,15 +551,15 @@ def test_clear_errors_on_bad_files(tmp_path):
 
 
 def test_trailing_padding_does_not_change_the_text_embedding():
-    # trim_text_padding drops the columns after the batch's longest row (rounded up to a multiple
-    # of 8): the embeddings must equal those computed on the full context. float64: the two paths
+    # trim_text_padding drops the columns after the batch's longest row: the embeddings must equal
+    # those computed on the full context. float64: the two paths
     # reduce over different numbers of (masked) keys, which float32 may round differently.
     torch.manual_seed(0)
     model = A.CLIP(tiny_config(context_length=32)).double().eval()
     tokens = torch.cat([tokens_with_eot(1, 32, 299, seed=3, eot_at=k) for k in (3, 9, 6)])  # (3, 32)
     trimmed = A.trim_text_padding(tokens, 299)
-    assert trimmed.shape == (3, 16) and torch.equal(trimmed, tokens[:, :16])
-    assert A.trim_text_padding(tokens, 299, multiple=1).shape == (3, 10)
+    assert trimmed.shape == (3, 10) and torch.equal(trimmed, tokens[:, :10])
+    assert A.trim_text_padding(tokens, 299, multiple=8).shape == (3, 16)
     assert A.trim_text_padding(tokens[:0], 299).shape == (0, 32)               # an empty batch
     full = model.transformer(model.text(tokens), causal=True)                 # (3, 32, W), untrimmed
     eot = (tokens == 299).int().argmax(1)
@@ -570,11 +570,10 @@ def test_trailing_padding_does_not_change_the_text_embedding():
 
 def test_collate_trims_the_batch_to_its_longest_caption():
     tok = A.Tokenizer.train(["a red circle", "a big blue square on the left of a tiny green star"], 560)
-    items = [{"image": torch.zeros(3, 8, 8), "caption": c} for c in ["a red circle", "a red circle "
-             "and a big blue square on the left of a tiny green star"]]
+    items = [{"image": torch.zeros(3, 8, 8), "caption": c} for c in ["a red circle", "a big blue square"]]
     batch = A.Collate(tok, None, 32)(items)
     longest = len(tok.encode(items[1]["caption"])) + 2                        # start and end tokens
-    assert batch["tokens"].shape == (2, min(32, -(-longest // 8) * 8))
+    assert 4 < longest < 32 and batch["tokens"].shape == (2, longest)
     assert torch.equal(batch["tokens"], tok(batch["caption"], 32)[:, : batch["tokens"].shape[1]])
 
 
@@ -1907,6 +1906,30 @@ def test_compile_trains_two_steps(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+@gpu
+@pytest.mark.parametrize("extra", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_cuda_bf16_training_then_resume(tmp_path, monkeypatch, extra):
+    small_preset(monkeypatch)
+    _fake_sentence_encoder(monkeypatch)
+    torch._dynamo.reset()
+    common = ["--device", "cuda", "--precision", "bf16", "--steps", "5", "--semantic-model", "fake", *extra]
+    run(tmp_path, *common, "--stop-after", "3")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 3
+    run(tmp_path, *common, "--resume")
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in recs)
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in _weights(tmp_path / "run" / "last.pt").values())
+    torch._dynamo.reset()
+
+
+@gpu
+def test_cuda_selfcheck_reports_utilisation_and_memory(monkeypatch, capsys):
+    small_preset(monkeypatch)
+    T.main(["--selfcheck", "2", "--batch-size", "8", "--device", "cuda", "--precision", "bf16"])
+    out = capsys.readouterr().out
+    assert "% of 989 TFLOP/s" in out and "peak memory" in out
+
+
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the operators that make the host wait for a tensor's value (item, float, int, bool,
     nonzero, masked_select, equal): on a GPU each is a host-device sync. Reads of `allowed`
@@ -2176,3 +2199,10 @@ def test_flop_estimate_matches_the_vit_b16_figures():
     assert abs(image / 1e9 - 35.2) < 0.1 and 47.5e9 < total < 49.5e9
     two_towers = T.forward_flops_per_pair(A.ModelConfig.preset("ViT-B-16", shared=False))
     assert two_towers < total   # the text tower is narrower (512)
+    # the text at the batch's trimmed length (20 tokens here), not the full context of 77
+    text_20 = 12 * (2 * 20 * 768 ** 2 * 12 + 4 * 20 ** 2 * 768)
+    assert T.forward_flops_per_pair(c, 20) == pytest.approx(image + text_20 + 2 * 1536 * 768, rel=1e-12)
+    work = {"pairs": 0, "flops": 0}
+    T.count_work(work, c, {"image": torch.zeros(4, 3, 1, 1), "tokens": torch.zeros(4, 20)}, None)
+    T.count_work(work, c, {"image": torch.zeros(4, 3, 1, 1), "tokens": torch.zeros(4, 20)}, [4, 3])
+    assert work["pairs"] == 11 and work["flops"] == pytest.approx(3 * 11 * (image + text_20 + 2 * 1536 * 768))

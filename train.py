@@ -7,10 +7,14 @@
         --tokenizer bpe_simple_vocab_16e6.txt.gz --semantic-model all-mpnet-base-v2 \
         --batch-size 512 --epochs 30 --lr 1e-3 --wd 0.1 --warmup 10000   # the paper's recipe
     torchrun --nproc_per_node=8 train.py ...   # several GPUs: embeddings gathered, global-batch loss
+    python train.py --selfcheck 50 --preset ViT-B-16 --batch-size 512 --precision bf16 --device cuda
+                                         # GPU self-check: pairs/s, FLOP utilisation, peak memory
 
 The sentence-encoder (SBERT) embeddings of the captions are computed once before training and cached
 on disk; they are never recomputed inside a step. Checkpoints (run folder/last.pt) are complete and
-written atomically; --resume continues exactly where a run stopped.
+written atomically; --resume continues where a run stopped: on CPU with bitwise the weights of an
+uninterrupted run; on a GPU with the same batches, schedule and optimizer state, but not bitwise the
+same weights (CUDA's kernels are not deterministic by default).
 Left out on purpose: gradient accumulation, patch dropout, EMA, mixed datasets.
 """
 import argparse
