@@ -1975,6 +1975,24 @@ def test_selfcheck_prints_throughput_on_random_data(monkeypatch, capsys):
     assert "2 steps in" in out and "pairs/s" in out and "TFLOP/s per device" in out
 
 
+def test_ctrl_c_in_one_process_saves_after_the_step_in_flight(tmp_path, monkeypatch, capsys):
+    import signal
+    small_preset(monkeypatch)
+    real, calls = T.train_step, []
+
+    def step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:                    # during the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+    monkeypatch.setattr(T, "train_step", step)
+    run(tmp_path, "--model", "clip", "--steps", "10", "--save-every", "100")
+    out = capsys.readouterr().out
+    assert out.count("Ctrl-C: saving") == 1 and "stopped after step 2;" in out
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is put back
+
+
 def test_resume_position_with_another_number_of_processes():
     notes = []
     pos = T.resume_position({"step": 3, "epoch": 1, "batch": 3, "world_size": 2}, 1, 8, notes.append)

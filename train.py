@@ -56,7 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--loss-block-size", type=int, default=1024, help="row strip of the fused loss kernel")
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu", help="MLP activation")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the first steps are slow while it compiles)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=0.1, help="weight decay (not on gains, biases, embeddings, scale)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+                   help="autocast dtype; auto = bf16 on CUDA (fp16 before compute capability 8.0), fp32 "
+                        "on CPU; bf16 and fp16 also run on CPU; the weights stay float32")
     g.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and augmentation")
 
     g = p.add_argument_group("run")
@@ -542,6 +544,8 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
             loss, parts, gnorm = train_step(model, optimizer, scaler, dtype, batch, args, device, world,
                                             learning_rate(pos["step"], total, args), sizes)
             count_work(work, raw.config, batch, sizes)
+            if world == 1:  # nothing to agree on: a Ctrl-C during this step stops after it
+                stopping = stop.flag
             pos["step"] += 1
             pos["batch"] += 1
             recent.append((pos["step"], loss))
