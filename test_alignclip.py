@@ -1966,6 +1966,36 @@ def test_a_training_step_makes_no_host_sync(model, precision):
     assert torch.is_tensor(loss) and torch.is_tensor(gnorm) and all(map(torch.is_tensor, parts.values()))
 
 
+def test_the_loop_reads_device_values_only_once_per_log_interval(tmp_path, monkeypatch):
+    # every host read of a tensor's value in the training process between one train_step and the
+    # next (train_step itself: the test above); the batches are made in a loader worker process,
+    # whose own (host-side) reads are not seen here
+    small_preset(monkeypatch)
+    events, real = [], T.train_step
+
+    def step(*args, **kw):
+        events.append("begin")
+        out = real(*args, **kw)
+        events.append("end")
+        return out
+    monkeypatch.setattr(T, "train_step", step)
+
+    class Reads(_HostReads):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            n = len(self.seen)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            events.extend(["read"] * (len(self.seen) - n))
+            return out
+    with Reads():
+        run(tmp_path, "--model", "shared", "--steps", "6", "--log-every", "3", "--save-every", "100",
+            "--workers", "1")
+    begins = [i for i, e in enumerate(events) if e == "begin"]
+    ends = [i for i, e in enumerate(events) if e == "end"]
+    reads_after = [events[a + 1:b].count("read") for a, b in zip(ends, begins[1:])]  # (5,) after steps 1-5
+    assert len(ends) == 6 and reads_after[2] > 0                   # the log line after step 3 reads
+    assert reads_after[:2] == [0, 0] and reads_after[3:] == [0, 0]  # no other step does
+
+
 def test_selfcheck_prints_throughput_on_random_data(monkeypatch, capsys):
     small_preset(monkeypatch)
     loss = T.main(["--selfcheck", "2", "--model", "shared", "--batch-size", "4", "--threads", "2",
