@@ -322,7 +322,7 @@ def default_semantic_model(args):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: complete, atomic, and enough to continue bit for bit
+# Checkpoints: complete, atomic, and enough to continue exactly (bit for bit on CPU)
 
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
