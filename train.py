@@ -519,11 +519,13 @@ def train(args):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
     stop = StopRequested(verbose=main)
     ckpt_path = os.path.join(args.out, "last.pt")
-    status = run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args,
-                      device, rank, world, position, total, per_epoch, stop, log, ckpt_path)
-    stop.restore()
-    if log:
-        log.close()
+    try:
+        status = run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args,
+                          device, rank, world, position, total, per_epoch, stop, log, ckpt_path)
+    finally:  # also after an exception: Ctrl-C must not stay bound to this finished run
+        stop.restore()
+        if log:
+            log.close()
     return status, raw, tokenizer, val_src, device
 
 
