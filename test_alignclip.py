@@ -1928,6 +1928,7 @@ def test_cuda_selfcheck_reports_utilisation_and_memory(monkeypatch, capsys):
     T.main(["--selfcheck", "2", "--batch-size", "8", "--device", "cuda", "--precision", "bf16"])
     out = capsys.readouterr().out
     assert "% of 989 TFLOP/s" in out and "peak memory" in out
+    assert "no host-device sync in a training step" in out
 
 
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):

@@ -681,7 +681,9 @@ def random_batch(config, batch_size, semantic_dim, seed=0):
 def selfcheck(args, warmup=3):
     """--selfcheck N: N timed steps of train_step, after `warmup` untimed ones (compilation, cuDNN and
     allocator warm-up), on one random batch kept in pinned host memory and copied every step as a
-    loader's batch would be. Measures the model, loss and optimizer, not the data pipeline."""
+    loader's batch would be. Measures the model, loss and optimizer, not the data pipeline. On CUDA
+    one more step runs under torch.cuda.set_sync_debug_mode("error"), which fails on any operator
+    that makes the host wait for the device."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(args.seed)
@@ -694,26 +696,46 @@ def selfcheck(args, warmup=3):
     batch = random_batch(config, args.batch_size, 768, args.seed)   # 768: all-mpnet-base-v2's width
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    losses = []
-    for step in range(warmup + args.selfcheck):
-        if step == warmup:
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-        losses.append(train_step(model, optimizer, scaler, dtype, batch, args, device, 1, args.lr)[0])
-    sync()
-    elapsed = time.perf_counter() - t0
+    step = lambda: train_step(model, optimizer, scaler, dtype, batch, args, device, 1, args.lr)[0]
+    elapsed, final = _time_steps(step, warmup, args.selfcheck, device)
     work = {"pairs": 0, "flops": 0}
     count_work(work, config, batch, None)
     work = {k: v * args.selfcheck for k, v in work.items()}
-    final = float(losses[-1])
     print(f"selfcheck: {args.model} {args.preset}, batch {args.batch_size}, {dtype or torch.float32}"
           f"{', compiled' if args.compile else ''}, on {device}: {args.selfcheck} steps in {elapsed:.2f} s, "
           f"{work['pairs'] / elapsed:.0f} pairs/s; last loss {final:.4f}")
     print(throughput_line(work, elapsed, device, 1, args.peak_tflops))
+    if device.type == "cuda":
+        print(_sync_check(step))
     return final
+
+
+def _time_steps(step, warmup, n, device):
+    """(seconds for n calls of step() after `warmup` untimed ones, the last loss as a float). On
+    CUDA the device is synchronised around the timed calls and the peak memory counter reset."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(n)]
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, float(losses[-1])
+
+
+def _sync_check(step):
+    """Run step() once more with CUDA's sync debug mode set to "error"; a line with the verdict."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "no host-device sync in a training step (torch.cuda.set_sync_debug_mode)"
+    except RuntimeError as e:
+        return f"a host-device sync in a training step: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def report(model, tokenizer, val_src, args, device):
