@@ -607,21 +607,20 @@ class TextStem(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
 
 
-def trim_text_padding(tokens, eot_id, multiple=1):
+def trim_text_padding(tokens, eot_id):
     """(B, T) token ids -> (B, T'): the columns after the batch's last first-end-of-text position
-    dropped, T' rounded up to a multiple of `multiple` (at most T). Exact: encode_text reads each
-    row at its first end token, and under causal attention no position reads a later one. Meant
-    for the host, before the batch moves to the device (Collate calls it): there the data-dependent
-    length and the check that every row holds the end-of-text id cost no device sync, and
-    encode_text needs neither. (torch.compile recompiles once for a second length, then treats the
-    length as dynamic.)"""
+    dropped. Exact: encode_text reads each row at its first end token, and under causal attention
+    no position reads a later one. Meant for the host, before the batch moves to the device
+    (Collate calls it): there the data-dependent length and the check that every row holds the
+    end-of-text id cost no device sync, and encode_text needs neither. (torch.compile recompiles
+    once for a second length, then treats the length as dynamic.)"""
     if tokens.shape[0] == 0:
         return tokens
     is_eot = tokens == eot_id                                  # (B, T)
     if not bool(is_eot.any(dim=1).all()):
         raise ValueError(f"every text must contain the end-of-text id {eot_id}")
     longest = int(is_eot.int().argmax(dim=1).max()) + 1        # the longest row, end token included
-    return tokens[:, : min(tokens.shape[1], -(-longest // multiple) * multiple)]  # (B, T')
+    return tokens[:, :longest]                                 # (B, T')
 
 
 def tokenize(tokenizer, texts, context_length):
