@@ -121,6 +121,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps is None and args.epochs < 1:
         p.error("--epochs must be at least 1")
+    if args.selfcheck is not None and args.selfcheck < 1:
+        p.error("--selfcheck N needs N >= 1 timed steps")
     return args
 
 
