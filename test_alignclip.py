@@ -2122,6 +2122,8 @@ class Encoder:
         return np.stack([np.random.default_rng(A.derive_seed(t)).normal(size=6) for t in texts])
 
 A.load_sentence_encoder = lambda name, device="cpu": Encoder()
+with open(os.path.join({folder!r}, "pid" + os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
 real_step, steps = T.train_step, [0]
 
 def step(*args, **kw):
@@ -2143,7 +2145,7 @@ def _torchrun(tmp_path, argv, fail_at=0, sleep=0.0):
     script = tmp_path / "wrapper.py"
     script.write_text(_TORCHRUN_WRAPPER.format(repo=os.path.dirname(os.path.abspath(__file__)),
                                                encode_log=str(tmp_path / "encoded_by"), fail_at=fail_at,
-                                               sleep=sleep))
+                                               sleep=sleep, folder=str(tmp_path)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            *SMALL, "--threads", "1", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
            "--model", "alignclip", "--semantic-model", "fake", *argv]
@@ -2164,7 +2166,6 @@ def _finish(proc, timeout):
 def test_torchrun_failure_on_one_rank_ends_every_rank_and_embeddings_are_computed_once(tmp_path):
     proc = _torchrun(tmp_path, ["--steps", "40"], fail_at=3)
     out = _finish(proc, timeout=120)        # a hang would end here, with the process group killed
-    print(out)
     assert proc.returncode != 0
     assert "RuntimeError: injected failure on rank 1" in out
     assert "done:" not in out
@@ -2173,17 +2174,37 @@ def test_torchrun_failure_on_one_rank_ends_every_rank_and_embeddings_are_compute
     assert out.count("computes the sentence embeddings") == 1
 
 
-def test_torchrun_ctrl_c_saves_once_and_resumes_with_one_process(tmp_path, monkeypatch, capsys):
-    import signal
-    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+def _until_training(proc):
+    """The launcher's output up to the first log line."""
     lines = []
-    for line in proc.stdout:                  # wait until training is under way
+    for line in proc.stdout:
         lines.append(line)
         if line.startswith("step") and "|" in line:
             break
+    return "".join(lines)
+
+
+def test_torchrun_stop_request_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # SIGINT to rank 1 alone: rank 0 learns of it in the per-step exchange; without that it would
+    # go on into a collective that rank 1 never joins
+    import signal
+    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+    out = _until_training(proc)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
+    out += _finish(proc, timeout=60)
+    assert proc.returncode == 0               # every rank ended by itself, without an error
+    k = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"]
+    assert out.count("stopped after step") == 1 and f"stopped after step {k};" in out and 0 < k < 400
+
+
+def test_torchrun_ctrl_c_saves_once_and_resumes_with_one_process(tmp_path, monkeypatch, capsys):
+    import signal
+    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+    lines = [_until_training(proc)]
     proc.send_signal(signal.SIGINT)           # to the launcher only; it passes SIGINT to each rank
     out = "".join(lines) + _finish(proc, timeout=60)
-    print(out)
+    # every rank left by itself: the launcher kills only the ranks still alive after 30 s
+    assert "Unable to shutdown process" not in out
     assert out.count("Ctrl-C: saving a checkpoint") == 1 and out.count("stopped after step") == 1
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     k = ckpt["position"]["step"]
