@@ -2134,7 +2134,8 @@ def step(*args, **kw):
     return real_step(*args, **kw)
 
 T.train_step = step
-T.main(sys.argv[1:])
+from torch.distributed.elastic.multiprocessing.errors import record   # as train.py's __main__ does
+record(T.main)(sys.argv[1:])
 """
 
 
@@ -2167,7 +2168,8 @@ def test_torchrun_failure_on_one_rank_ends_every_rank_and_embeddings_are_compute
     proc = _torchrun(tmp_path, ["--steps", "40"], fail_at=3)
     out = _finish(proc, timeout=120)        # a hang would end here, with the process group killed
     assert proc.returncode != 0
-    assert "RuntimeError: injected failure on rank 1" in out
+    summary = out[out.index("Root Cause"):]   # the launcher names the failing rank and its error
+    assert "rank      : 1" in summary and "RuntimeError: injected failure on rank 1" in summary
     assert "done:" not in out
     # the sentence embeddings: encoded by rank 0 alone while rank 1 waited for its files
     assert set((tmp_path / "encoded_by").read_text().split()) == {"0"}
