@@ -508,6 +508,30 @@ class TextStem(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
 
 
+def trim_text_padding(tokens, eot_id):
+    """(B, T) token ids -> (B, T'): the columns after the batch's last first-end-of-text position
+    dropped. Exact: encode_text reads each row at its first end token, and under causal attention
+    no position reads a later one. Meant for the host, before the batch moves to the device
+    (Collate calls it): there the data-dependent length and the check that every row holds the
+    end-of-text id cost no device sync, and encode_text needs neither. (torch.compile recompiles
+    once for a second length, then treats the length as dynamic.)"""
+    if tokens.shape[0] == 0:
+        return tokens
+    is_eot = tokens == eot_id                                  # (B, T)
+    if not bool(is_eot.any(dim=1).all()):
+        raise ValueError(f"every text must contain the end-of-text id {eot_id}")
+    longest = int(is_eot.int().argmax(dim=1).max()) + 1        # the longest row, end token included
+    return tokens[:, :longest]                                 # (B, T')
+
+
+def tokenize(tokenizer, texts, context_length):
+    """tokenizer(texts) -> (B, T') ids, trimmed by trim_text_padding when the tokenizer names its
+    end-of-text id (the project's Tokenizer); another tokenizer's (B, T) output is left as it is."""
+    tokens = tokenizer(texts, context_length=context_length)               # (B, T)
+    eot_id = getattr(tokenizer, "eot_id", None)
+    return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
+
+
 class CLIP(nn.Module):
     """CLIP (config.shared=False) or SharedCLIP/AlignCLIP (config.shared=True).
 
@@ -567,21 +591,25 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1)
 
     def encode_text(self, tokens):
-        """(B, T) token ids -> (B, D) unit-norm text embeddings E_t, read at the end-of-text token."""
+        """(B, T) token ids -> (B, D) unit-norm text embeddings E_t, read at the end-of-text token.
+
+        T may be any length up to context_length: causal attention means nothing after a row's end
+        token changes its embedding, so the caller may drop padding (trim_text_padding; Collate does)
+        and pays for T' tokens, not context_length. Every row must hold the end-of-text id; Tokenizer
+        guarantees it and trim_text_padding checks it on the host. Here a row without one gets a NaN
+        embedding instead of a silently wrong one: a check that raised would need a host-device sync
+        in every forward and would break torch.compile(fullgraph=True).
+        """
         is_eot = tokens == self.config.eot_id                      # (B, T)
-        if not bool(is_eot.any(dim=1).all()):
-            raise ValueError(f"every text must contain the end-of-text id {self.config.eot_id}")
         eot = is_eot.int().argmax(dim=1)                           # (B,) first end-of-text position
-        # Causal attention: no position sees a later one, so padding after the last end token of
-        # the batch cannot change any embedding. Dropping it is exact and saves compute.
-        tokens = tokens[:, : int(eot.max()) + 1]                   # (B, T') with T' <= T
-        x = self.text(tokens)                                      # (B, T', W)
+        x = self.text(tokens)                                      # (B, T, W)
         if self.config.shared:
             transformer, ln, proj = self.transformer, self.ln_post, self.projection
         else:
             transformer, ln, proj = self.text_transformer, self.ln_final, self.text_projection
-        x = transformer(x, causal=True)                            # (B, T', W)
+        x = transformer(x, causal=True)                            # (B, T, W)
         x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, D)
+        x = torch.where(is_eot.any(dim=1, keepdim=True), x, float("nan"))  # (B, D)
         return F.normalize(x, dim=-1)
 
     def forward(self, images, tokens):
@@ -1498,7 +1526,7 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -
     ctx = model.config.context_length
     rows = []
     for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates], context_length=ctx).to(device)
+        tokens = tokenize(tokenizer, [t.format(name) for t in templates], ctx).to(device)  # (n_templates, T')
         rows.append(F.normalize(model.encode_text(tokens).float().mean(dim=0), dim=-1))
     return torch.stack(rows)                                            # (C, D)
 
@@ -1507,7 +1535,7 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -
 def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.Tensor:
     """(N, D) float32 text embeddings of a list of strings, in batches."""
     ctx = model.config.context_length
-    out = [model.encode_text(tokenizer(texts[i:i + batch_size], context_length=ctx).to(device)).float()
+    out = [model.encode_text(tokenize(tokenizer, texts[i:i + batch_size], ctx).to(device)).float()
            for i in range(0, len(texts), batch_size)]
     return torch.cat(out).cpu()
 
@@ -2259,10 +2287,11 @@ class ResumableSampler(Sampler):
 
 class Collate:
     """List of items ({"image", "caption"} or None) -> batch dict:
-    image (B, 3, S, S) uint8 (normalize_images makes the model's input, on the device), tokens (B, T)
-    long, semantic (B, d_s) float32 (None without a cache), caption list[str], skipped int (the None
-    items dropped). If every item is None the batch has 0 items (caption == [], image and tokens
-    with 0 rows); the training loop should skip it. Picklable for DataLoader workers if the
+    image (B, 3, S, S) uint8 (normalize_images makes the model's input, on the device), tokens (B, T')
+    long (with the project's Tokenizer, trimmed to the batch's longest caption: see
+    trim_text_padding), semantic (B, d_s) float32 (None without a cache), caption list[str], skipped
+    int (the None items dropped). If every item is None the batch has 0 items (caption == [], image
+    and tokens with 0 rows); the training loop skips it. Picklable for DataLoader workers if the
     tokenizer is.
     """
 
@@ -2274,7 +2303,7 @@ class Collate:
         captions = [x["caption"] for x in kept]
         if kept:
             image = torch.stack([x["image"] for x in kept])                        # (B, 3, S, S)
-            tokens = self.tokenizer(captions, context_length=self.context_length)   # (B, T)
+            tokens = tokenize(self.tokenizer, captions, self.context_length)       # (B, T')
         else:
             image = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
             tokens = torch.empty(0, self.context_length, dtype=torch.long)

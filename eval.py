@@ -1077,7 +1077,7 @@ def pick_caption(captions, seed, epoch, i):
 
 
 def finetune_loss(model, images, captions, tokenizer, settings, cache, device):
-    tokens = tokenizer(captions, context_length=model.config.context_length).to(device)
+    tokens = A.tokenize(tokenizer, captions, model.config.context_length).to(device)   # (B, T') trimmed
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         img, txt, scale = model(A.normalize_images(images.to(device, non_blocking=True)), tokens)
     img, txt, scale = img.float(), txt.float(), scale.float()

@@ -31,6 +31,8 @@ import alignclip as A  # noqa: E402
 import eval as E  # noqa: E402
 import train as T  # noqa: E402
 
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 # =============================================================================
 # tokenizer
 # =============================================================================
@@ -406,13 +408,18 @@ def test_causal_mask_later_token_does_not_change_earlier_outputs():
 def test_end_of_text_found_by_id_not_by_argmax():
     # eot_id deliberately NOT the largest id: the embedding must be read at the eot position
     torch.manual_seed(0)
-    model = A.CLIP(tiny_config(eot_id=3)).eval()
+    model = A.CLIP(tiny_config(eot_id=3)).double().eval()
     tokens = torch.tensor([[1, 250, 200, 3, 0, 0, 0, 0]])  # argmax of ids would pick position 1
     x = model.transformer(model.text(tokens), causal=True)
     expected = F.normalize(model.ln_post(x[:, 3]) @ model.projection, dim=-1)
-    torch.testing.assert_close(model.encode_text(tokens), expected)
+    torch.testing.assert_close(model.encode_text(tokens), expected, rtol=1e-12, atol=1e-12)
+    # a row without the end token: the host-side check raises; the model itself (which checks
+    # nothing, to stay free of host syncs) gives that row NaN, never a plausible wrong embedding
+    missing = torch.tensor([[1, 2, 4, 5], [1, 2, 3, 0]])
     with pytest.raises(ValueError, match="end-of-text"):
-        model.encode_text(torch.tensor([[1, 2, 4, 5]]))
+        A.trim_text_padding(missing, eot_id=3)
+    out = model.encode_text(missing)
+    assert out[0].isnan().all() and out[1].isfinite().all()
 
 
 def test_grad_checkpointing_gives_same_gradients():
@@ -427,6 +434,31 @@ def test_grad_checkpointing_gives_same_gradients():
         (s * img @ txt.T).logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_encoders_compile_with_fullgraph(shared):
+    # fullgraph=True fails on any graph break: a Python branch on a tensor, .item(), int(), bool()
+    # or data-dependent slicing in the forward. The "eager" backend traces exactly as inductor's
+    # front end does but skips code generation, so the test takes seconds. Two text lengths (the
+    # trimmed batches of training) must not break the graph either.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = A.CLIP(tiny_config(shared=shared)).double()
+    model.set_grad_checkpointing(True)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tokens = tokens_with_eot(2, 16, 299, eot_at=6)
+    image_c = torch.compile(model.encode_image, fullgraph=True, backend="eager")
+    text_c = torch.compile(model.encode_text, fullgraph=True, backend="eager")
+    forward_c = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(image_c(images), model.encode_image(images), rtol=1e-12, atol=1e-12)
+    for T_ in (16, 8):
+        torch.testing.assert_close(text_c(tokens[:, :T_]), model.encode_text(tokens[:, :T_]),
+                                   rtol=1e-12, atol=1e-12)
+    img, txt, scale = forward_c(images, tokens)
+    (scale * img @ txt.T).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -670,16 +702,29 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
 
 
 def test_trailing_padding_does_not_change_the_text_embedding():
-    # encode_text drops the positions after the batch's last end token: the result must equal
-    # the embedding computed on the full context, read at the end token
+    # trim_text_padding drops the columns after the batch's longest row: the embeddings must equal
+    # those computed on the full context. float64: the two paths
+    # reduce over different numbers of (masked) keys, which float32 may round differently.
     torch.manual_seed(0)
-    model = A.CLIP(tiny_config()).eval()
-    tokens = tokens_with_eot(3, 16, 299, seed=3, eot_at=None)
-    full = model.transformer(model.text(tokens), causal=True)                 # (3, 16, W), untrimmed
+    model = A.CLIP(tiny_config(context_length=32)).double().eval()
+    tokens = torch.cat([tokens_with_eot(1, 32, 299, seed=3, eot_at=k) for k in (3, 9, 6)])  # (3, 32)
+    trimmed = A.trim_text_padding(tokens, 299)
+    assert trimmed.shape == (3, 10) and torch.equal(trimmed, tokens[:, :10])
+    assert A.trim_text_padding(tokens[:0], 299).shape == (0, 32)               # an empty batch
+    full = model.transformer(model.text(tokens), causal=True)                 # (3, 32, W), untrimmed
     eot = (tokens == 299).int().argmax(1)
     expected = F.normalize(model.ln_post(full[torch.arange(3), eot]) @ model.projection, dim=-1)
-    torch.testing.assert_close(model.encode_text(tokens), expected)
+    torch.testing.assert_close(model.encode_text(trimmed), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.encode_text(tokens), expected, rtol=1e-12, atol=1e-12)
 
+
+def test_collate_trims_the_batch_to_its_longest_caption():
+    tok = A.Tokenizer.train(["a red circle", "a big blue square on the left of a tiny green star"], 560)
+    items = [{"image": torch.zeros(3, 8, 8), "caption": c} for c in ["a red circle", "a big blue square"]]
+    batch = A.Collate(tok, None, 32)(items)
+    longest = len(tok.encode(items[1]["caption"])) + 2                        # start and end tokens
+    assert 4 < longest < 32 and batch["tokens"].shape == (2, longest)
+    assert torch.equal(batch["tokens"], tok(batch["caption"], 32)[:, : batch["tokens"].shape[1]])
 
 
 # =============================================================================
@@ -2470,8 +2515,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     good = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     real = T.compute_loss
 
-    def poisoned(model, images, tokens, semantic, args, world=1):
-        loss, parts = real(model, images, tokens, semantic, args, world)
+    def poisoned(model, images, tokens, semantic, args, world=1, sizes=None):
+        loss, parts = real(model, images, tokens, semantic, args, world, sizes)
         return loss * float("nan"), parts
     monkeypatch.setattr(T, "compute_loss", poisoned)
     with pytest.raises(SystemExit):
@@ -2731,29 +2776,238 @@ def test_resume_on_shards_with_workers_is_bitwise_exact(tmp_path, monkeypatch):
     assert a["position"] == b["position"] and a["position"]["epoch"] >= 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
-# ----------------------------------------------------------------------------- distributed
-# Two gloo processes, each with half of a batch, must produce the loss and the gradients of one
-# process on the whole batch: the embeddings AND the semantic embeddings are gathered.
+# ----------------------------------------------------------------------------- precision, compile, syncs
 
-def _ddp_worker(rank, world, init_file, batch, args, result_file):
+def _fake_sentence_encoder(monkeypatch):
+    """The training runs below get sentence embeddings from _CountingEncoder, not a real model."""
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": _CountingEncoder())
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("model", ["clip", "alignclip"])   # alignclip: the fused loss under autocast
+def test_bf16_training_then_resume_continues_exactly(tmp_path, monkeypatch, model):
+    small_preset(monkeypatch)
+    _fake_sentence_encoder(monkeypatch)
+    common = ["--model", model, "--precision", "bf16", "--steps", "5", "--semantic-model", "fake"]
+    straight = run(tmp_path, *common, out="straight")
+    run(tmp_path, *common, "--stop-after", "3", out="cut")
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["position"]["step"] == 3
+    at_3 = _weights(tmp_path / "cut" / "last.pt")
+    run(tmp_path, *common, "--resume", out="cut")
+    recs = records(tmp_path / "cut")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in recs)
+    a, b = _weights(straight / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in b.values())  # float32 master weights
+    # autocast on CPU is deterministic: the resumed run ends bitwise where the straight one does
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(at_3[k], b[k]) for k in b)                 # and it did train after resuming
+
+
+def test_fp16_training_with_grad_scaler_then_resume(tmp_path, monkeypatch):
+    # CPU autocast runs float16 in torch 2.x; the GradScaler's state is saved and restored
+    small_preset(monkeypatch)
+    common = ["--model", "clip", "--precision", "fp16", "--steps", "3"]
+    run(tmp_path, *common, "--stop-after", "2", out="fp16")
+    ckpt = torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)
+    assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0
+    run(tmp_path, *common, "--resume", out="fp16")
+    recs = records(tmp_path / "fp16")
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in recs)
+
+
+def test_unsupported_precision_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    monkeypatch.setattr(T, "_autocast_works", lambda device, dtype: False)
+    monkeypatch.setattr(A.Tokenizer, "train", lambda *a, **k: pytest.fail("work before the check"))
+    with pytest.raises(SystemExit, match="--precision fp16: autocast on cpu does not support"):
+        run(tmp_path, "--precision", "fp16", "--steps", "1")
+    assert T.autocast_dtype("fp32", torch.device("cpu")) is None
+    assert T.autocast_dtype("auto", torch.device("cpu")) is None
+
+
+def test_compile_trains_two_steps(tmp_path, monkeypatch):
+    # torch.compile with inductor (C++ code generated and built with gcc) on the shared model
+    # under bf16 autocast; about 30 s on 2 CPU cores with a cold compile cache, seconds warm
+    small_preset(monkeypatch)
+    torch._dynamo.reset()
+    out = run(tmp_path, "--model", "shared", "--compile", "--precision", "bf16", "--steps", "2")
+    recs = records(out)
+    assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
+    assert not any(k.startswith("_orig_mod") for k in _weights(out / "last.pt"))  # the plain model is saved
+    torch._dynamo.reset()
+
+
+@gpu
+@pytest.mark.parametrize("extra", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_cuda_bf16_training_then_resume(tmp_path, monkeypatch, extra):
+    small_preset(monkeypatch)
+    _fake_sentence_encoder(monkeypatch)
+    torch._dynamo.reset()
+    common = ["--device", "cuda", "--precision", "bf16", "--steps", "5", "--semantic-model", "fake", *extra]
+    run(tmp_path, *common, "--stop-after", "3")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 3
+    run(tmp_path, *common, "--resume")
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in recs)
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in _weights(tmp_path / "run" / "last.pt").values())
+    torch._dynamo.reset()
+
+
+@gpu
+def test_cuda_selfcheck_reports_utilisation_and_memory(monkeypatch, capsys):
+    small_preset(monkeypatch)
+    T.main(["--selfcheck", "2", "--batch-size", "8", "--device", "cuda", "--precision", "bf16"])
+    out = capsys.readouterr().out
+    assert "% of 989 TFLOP/s" in out and "peak memory" in out
+    assert "no host-device sync in a training step" in out
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that make the host wait for a tensor's value (item, float, int, bool,
+    nonzero, masked_select, equal): on a GPU each is a host-device sync. Reads of `allowed`
+    tensors (the optimizer's step counters, which torch keeps on the host) are not recorded."""
+    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2"}
+
+    def __init__(self, allowed=()):
+        super().__init__()
+        self.allowed, self.seen = {t.data_ptr() for t in allowed}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCS and not (torch.is_tensor(args[0]) and args[0].data_ptr() in self.allowed):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", ["clip", "shared", "alignclip"])   # alignclip: the fused loss's own syncs
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_makes_no_host_sync(model, precision):
+    args = T.parse_args(["--model", model, "--batch-size", "6", "--precision", precision])
+    config = A.ModelConfig.preset("tiny", shared=model != "clip", width=32, layers=1, heads=1, embed_dim=16,
+                                  text_width=32, text_layers=1, text_heads=1, image_size=32, patch_size=8,
+                                  vocab_size=100, eot_id=99, context_length=8)
+    torch.manual_seed(0)
+    raw, cpu = A.CLIP(config), torch.device("cpu")
+    optimizer, dtype = T.make_optimizer(raw, args, cpu), T.autocast_dtype(precision, cpu)
+    batch = T.random_batch(config, 6, 10)
+    T.train_step(raw, optimizer, None, dtype, batch, args, cpu, 1, 1e-4)    # creates the optimizer state
+    steps = [s["step"] for s in optimizer.state.values()]
+    with _HostReads(allowed=steps) as reads:
+        loss, parts, gnorm = T.train_step(raw, optimizer, None, dtype, batch, args, cpu, 1, 1e-4)
+    assert reads.seen == []
+    assert torch.is_tensor(loss) and torch.is_tensor(gnorm) and all(map(torch.is_tensor, parts.values()))
+
+
+def test_the_loop_reads_device_values_only_once_per_log_interval(tmp_path, monkeypatch):
+    # every host read of a tensor's value in the training process between one train_step and the
+    # next (train_step itself: the test above); the batches are made in a loader worker process,
+    # whose own (host-side) reads are not seen here
+    small_preset(monkeypatch)
+    events, real = [], T.train_step
+
+    def step(*args, **kw):
+        events.append("begin")
+        out = real(*args, **kw)
+        events.append("end")
+        return out
+    monkeypatch.setattr(T, "train_step", step)
+
+    class Reads(_HostReads):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            n = len(self.seen)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            events.extend(["read"] * (len(self.seen) - n))
+            return out
+    with Reads():
+        run(tmp_path, "--model", "shared", "--steps", "6", "--log-every", "3", "--save-every", "100",
+            "--workers", "1")
+    begins = [i for i, e in enumerate(events) if e == "begin"]
+    ends = [i for i, e in enumerate(events) if e == "end"]
+    reads_after = [events[a + 1:b].count("read") for a, b in zip(ends, begins[1:])]  # (5,) after steps 1-5
+    assert len(ends) == 6 and reads_after[2] > 0                   # the log line after step 3 reads
+    assert reads_after[:2] == [0, 0] and reads_after[3:] == [0, 0]  # no other step does
+
+
+def test_selfcheck_prints_throughput_on_random_data(monkeypatch, capsys):
+    small_preset(monkeypatch)
+    loss = T.main(["--selfcheck", "2", "--model", "shared", "--batch-size", "4", "--threads", "2",
+                   "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert math.isfinite(loss)
+    assert "2 steps in" in out and "pairs/s" in out and "TFLOP/s per device" in out
+
+
+def test_ctrl_c_in_one_process_saves_after_the_step_in_flight(tmp_path, monkeypatch, capsys):
+    import signal
+    small_preset(monkeypatch)
+    real, calls = T.train_step, []
+
+    def step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:                    # during the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+    monkeypatch.setattr(T, "train_step", step)
+    run(tmp_path, "--model", "clip", "--steps", "10", "--save-every", "100")
+    out = capsys.readouterr().out
+    assert out.count("Ctrl-C: saving") == 1 and "stopped after step 2;" in out
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is put back
+
+
+def test_resume_position_with_another_number_of_processes():
+    notes = []
+    pos = T.resume_position({"step": 3, "epoch": 1, "batch": 3, "world_size": 2}, 1, 8, notes.append)
+    assert pos == {"step": 3, "epoch": 1, "batch": 6, "world_size": 1}   # 3 x 16 pairs = 6 x 8
+    assert "2 process(es) and this run has 1" in notes[0]
+    # one process continues the epoch with exactly the pairs that the two had not reached
+    seen = {i for r in range(2) for b in list(A.ResumableSampler(100, 8, epoch=1, rank=r, world_size=2))[:3]
+            for i in b}                                                       # 3 steps x 2 ranks x 8
+    after = [i for b in A.ResumableSampler(100, 8, epoch=1, start_batch=pos["batch"]) for i in b]
+    assert len(seen) == 48 and len(after) == 48 and not seen & set(after)    # 96 = 6 global batches of 16
+    assert T.resume_position({"step": 5, "epoch": 0, "batch": 5}, 2, 8, notes.append)["batch"] == 2
+    assert T.resume_position({"step": 5, "epoch": 0, "batch": 5, "world_size": 1}, 1, 8, notes.append) == \
+        {"step": 5, "epoch": 0, "batch": 5, "world_size": 1} and len(notes) == 2
+
+
+def test_random_states_of_missing_devices_are_ignored_with_a_note():
+    notes, state = [], T.rng_state()
+    state["cuda"] = state.get("cuda", []) + [torch.zeros(16, dtype=torch.uint8)] * 2   # 2 devices too many
+    T.set_rng_state(state, notes.append)
+    assert len(notes) == 1 and "the other 2 are ignored" in notes[0]
+
+
+# ----------------------------------------------------------------------------- distributed
+# Two gloo processes, each with part of a batch, must produce the loss and the gradients of one
+# process on the whole batch: the embeddings AND the semantic embeddings are gathered. The sizes
+# given (the training loop exchanges them on the host: the gather then reads no tensor) or
+# exchanged by the gather itself; equal halves, or 4 + 2 (a rank that dropped bad samples).
+
+def _ddp_worker(rank, world, init_file, batch, args, result_file, split, known):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(A.CLIP(A.ModelConfig(**batch["config"])).double())
-    n = batch["images"].shape[0] // world
-    part = slice(rank * n, (rank + 1) * n)
+    part = slice(sum(split[:rank]), sum(split[: rank + 1]))
     loss, _ = T.compute_loss(model, batch["images"][part], batch["tokens"][part], batch["semantic"][part],
-                             args, world)
+                             args, world, sizes=split if known else None)
     loss.backward()
+    x = torch.ones(split[rank], 3, requires_grad=True)
+    with _HostReads() as reads:                # the gather alone, forward and backward
+        T.gather(x, world, sizes=split if known else None).sum().backward()
     if rank == 0:
-        torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()}},
-                   result_file)
+        torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()},
+                    "reads": reads.seen}, result_file)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model", ["alignclip", "clip"])
-def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model):
+@pytest.mark.parametrize("model,split,known", [("alignclip", [3, 3], True), ("alignclip", [4, 2], False),
+                                               ("clip", [4, 2], True)])
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model, split, known):
     import argparse
     import dataclasses
     import torch.multiprocessing as mp
@@ -2770,8 +3024,10 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model
              "semantic": torch.randn(6, 10, generator=g, dtype=torch.float64)}
     args = argparse.Namespace(model=model, no_rescale=False, alpha=1.0, beta=0.5, separate="both",
                               loss_block_size=4)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batch, args, str(tmp_path / "r.pt")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batch, args, str(tmp_path / "r.pt"), split, known),
+             nprocs=2)
     ddp = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert (ddp["reads"] == []) == known     # the size exchange reads the sizes (on a GPU: a sync)
     torch.manual_seed(0)
     single = A.CLIP(config).double()
     loss, _ = T.compute_loss(single, batch["images"], batch["tokens"], batch["semantic"], args, 1)
@@ -2779,6 +3035,128 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model
     torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
     for k, p in single.named_parameters():
         torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=1e-9, atol=1e-11, msg=k)
+
+
+# torchrun itself: a launcher and two gloo ranks on CPU, each rank running this wrapper around
+# train.main with the small preset, a fake sentence encoder that records who calls it, and an
+# optional slow step (so that Ctrl-C lands mid-run) or failure on rank 1.
+_TORCHRUN_WRAPPER = """
+import os, sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+import alignclip as A, train as T
+original = A.ModelConfig.preset
+A.ModelConfig.preset = staticmethod(lambda name, **kw: original(name, **dict(dict(
+    width=32, layers=1, heads=1, embed_dim=16, text_width=32, text_layers=1, text_heads=1,
+    image_size=32, patch_size=8), **kw)))
+
+class Encoder:
+    def encode(self, texts, batch_size=32, convert_to_numpy=True, **kw):
+        with open({encode_log!r}, "a") as f:
+            f.write(os.environ["RANK"] + "\\n")
+        return np.stack([np.random.default_rng(A.derive_seed(t)).normal(size=6) for t in texts])
+
+A.load_sentence_encoder = lambda name, device="cpu": Encoder()
+with open(os.path.join({folder!r}, "pid" + os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+real_step, steps = T.train_step, [0]
+
+def step(*args, **kw):
+    steps[0] += 1
+    if os.environ["RANK"] == "1" and steps[0] == {fail_at}:
+        raise RuntimeError("injected failure on rank 1")
+    time.sleep({sleep})
+    return real_step(*args, **kw)
+
+T.train_step = step
+from torch.distributed.elastic.multiprocessing.errors import record   # as train.py's __main__ does
+record(T.main)(sys.argv[1:])
+"""
+
+
+def _torchrun(tmp_path, argv, fail_at=0, sleep=0.0):
+    """Start `torchrun --nproc_per_node 2` on the wrapper in its own session (signals reach only the
+    launcher, as Ctrl-C in a terminal does: torchrun starts its workers in sessions of their own)."""
+    import subprocess
+    script = tmp_path / "wrapper.py"
+    script.write_text(_TORCHRUN_WRAPPER.format(repo=os.path.dirname(os.path.abspath(__file__)),
+                                               encode_log=str(tmp_path / "encoded_by"), fail_at=fail_at,
+                                               sleep=sleep, folder=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *SMALL, "--threads", "1", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+           "--model", "alignclip", "--semantic-model", "fake", *argv]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _finish(proc, timeout):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except Exception:
+        os.killpg(proc.pid, 9)
+        raise
+    return out
+
+
+def test_torchrun_failure_on_one_rank_ends_every_rank_and_embeddings_are_computed_once(tmp_path):
+    proc = _torchrun(tmp_path, ["--steps", "40"], fail_at=3)
+    out = _finish(proc, timeout=120)        # a hang would end here, with the process group killed
+    assert proc.returncode != 0
+    summary = out[out.index("Root Cause"):]   # the launcher names the failing rank and its error
+    assert "rank      : 1" in summary and "RuntimeError: injected failure on rank 1" in summary
+    assert "done:" not in out
+    # the sentence embeddings: encoded by rank 0 alone while rank 1 waited for its files
+    assert set((tmp_path / "encoded_by").read_text().split()) == {"0"}
+    assert out.count("computes the sentence embeddings") == 1
+
+
+def _until_training(proc):
+    """The launcher's output up to the first log line."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step") and "|" in line:
+            break
+    return "".join(lines)
+
+
+def test_torchrun_stop_request_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # SIGINT to rank 1 alone: rank 0 learns of it in the per-step exchange; without that it would
+    # go on into a collective that rank 1 never joins
+    import signal
+    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+    out = _until_training(proc)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
+    out += _finish(proc, timeout=60)
+    assert proc.returncode == 0               # every rank ended by itself, without an error
+    k = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"]
+    assert out.count("stopped after step") == 1 and f"stopped after step {k};" in out and 0 < k < 400
+
+
+def test_torchrun_ctrl_c_saves_once_and_resumes_with_one_process(tmp_path, monkeypatch, capsys):
+    import signal
+    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+    lines = [_until_training(proc)]
+    proc.send_signal(signal.SIGINT)           # to the launcher only; it passes SIGINT to each rank
+    out = "".join(lines) + _finish(proc, timeout=60)
+    # every rank left by itself: the launcher kills only the ranks still alive after 30 s
+    assert "Unable to shutdown process" not in out
+    assert out.count("Ctrl-C: saving a checkpoint") == 1 and out.count("stopped after step") == 1
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    k = ckpt["position"]["step"]
+    assert f"stopped after step {k};" in out and ckpt["position"]["world_size"] == 2
+    pos = ckpt["position"]                    # 48 pairs: 3 global batches of 16 an epoch
+    assert 0 < k < 400 and pos["epoch"] * 3 + pos["batch"] == k
+    # the same run continued by one process: the data position converted, a note said so
+    small_preset(monkeypatch)
+    _fake_sentence_encoder(monkeypatch)
+    capsys.readouterr()
+    T.main(SMALL + ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--model",
+                    "alignclip", "--semantic-model", "fake", "--steps", str(k + 2), "--resume"])
+    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().out
+    final = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]
+    assert final["step"] == k + 2 and final["world_size"] == 1
 
 
 def test_compare_runs_every_model_and_seed_and_summarises(tmp_path, monkeypatch):
@@ -2827,6 +3205,13 @@ def test_flop_estimate_matches_the_vit_b16_figures():
     assert abs(image / 1e9 - 35.2) < 0.1 and 47.5e9 < total < 49.5e9
     two_towers = T.forward_flops_per_pair(A.ModelConfig.preset("ViT-B-16", shared=False))
     assert two_towers < total   # the text tower is narrower (512)
+    # the text at the batch's trimmed length (20 tokens here), not the full context of 77
+    text_20 = 12 * (2 * 20 * 768 ** 2 * 12 + 4 * 20 ** 2 * 768)
+    assert T.forward_flops_per_pair(c, 20) == pytest.approx(image + text_20 + 2 * 1536 * 768, rel=1e-12)
+    work = {"pairs": 0, "flops": 0}
+    T.count_work(work, c, {"image": torch.zeros(4, 3, 1, 1), "tokens": torch.zeros(4, 20)}, None)
+    T.count_work(work, c, {"image": torch.zeros(4, 3, 1, 1), "tokens": torch.zeros(4, 20)}, [4, 3])
+    assert work["pairs"] == 11 and work["flops"] == pytest.approx(3 * 11 * (image + text_20 + 2 * 1536 * 768))
 
 
 # ----------------------------------------------------------------------------- temperature options

@@ -8,10 +8,14 @@
         --batch-size 512 --epochs 30 --lr 1e-3 --wd 0.1 --warmup 10000   # the paper's recipe
     torchrun --nproc_per_node=8 train.py ...   # several GPUs: embeddings gathered, global-batch loss
     python train.py --bench-data --preset ViT-B-16 --batch-size 512   # the input pipeline alone, timed
+    python train.py --selfcheck 50 --preset ViT-B-16 --batch-size 512 --precision bf16 --device cuda
+                                         # GPU self-check: pairs/s, FLOP utilisation, peak memory
 
 The sentence-encoder (SBERT) embeddings of the captions are computed once before training and cached
 on disk; they are never recomputed inside a step. Checkpoints (run folder/last.pt) are complete and
-written atomically; --resume continues exactly where a run stopped.
+written atomically; --resume continues where a run stopped: on CPU with bitwise the weights of an
+uninterrupted run; on a GPU with the same batches, schedule and optimizer state, but not bitwise the
+same weights (CUDA's kernels are not deterministic by default).
 Left out on purpose: gradient accumulation, patch dropout, EMA, mixed datasets.
 """
 import argparse
@@ -28,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -63,7 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--loss-block-size", type=int, default=1024, help="row strip of the fused loss kernel")
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu", help="MLP activation")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the first steps are slow while it compiles)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
@@ -101,7 +107,8 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=0.1, help="weight decay (not on gains, biases, embeddings, scale)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+                   help="autocast dtype; auto = bf16 on CUDA (fp16 before compute capability 8.0), fp32 "
+                        "on CPU; bf16 and fp16 also run on CPU; the weights stay float32")
     g.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and augmentation")
 
     g = p.add_argument_group("run")
@@ -123,6 +130,10 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's peak dense bf16 TFLOP/s, for the FLOP utilisation estimate (H100 SXM: 989)")
+    g.add_argument("--selfcheck", type=int, default=None, metavar="N",
+                   help="time N training steps of --model/--preset/--batch-size/--precision on random data "
+                        "(no data set, tokenizer or sentence encoder) after 3 untimed ones; print pairs/s, "
+                        "model FLOP utilisation and peak memory, then exit (the README's GPU self-check)")
     g.add_argument("--compare", action="store_true",
                    help="train clip, shared and alignclip one after another on the same footing and "
                         "print one table (mean and std over --seeds)")
@@ -204,18 +215,23 @@ def setup_distributed(args):
 class GatherWithGrad(torch.autograd.Function):
     """all_gather of per-rank batches (their sizes may differ) whose backward returns to each rank
     the gradient of its own rows, summed over ranks. Every rank computes the same global loss, so
-    DDP's average of the parameter gradients is then exactly the gradient of that global loss."""
+    DDP's average of the parameter gradients is then exactly the gradient of that global loss.
+    sizes: every rank's row count when the caller knows it (the training loop exchanges them on the
+    host, see StepControl); None exchanges them here, which reads a device tensor (a host sync)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, sizes=None):
         world = dist.get_world_size()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-        sizes = [int(s) for s in sizes]
-        padded = torch.zeros((max(sizes),) + x.shape[1:], dtype=x.dtype, device=x.device)
-        padded[: x.shape[0]] = x
+        if sizes is None:
+            n = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+            dist.all_gather(n, torch.tensor([x.shape[0]], device=x.device))
+            sizes = [int(k) for k in n]
+        padded = x
+        if max(sizes) != x.shape[0]:
+            padded = torch.zeros((max(sizes),) + x.shape[1:], dtype=x.dtype, device=x.device)
+            padded[: x.shape[0]] = x
         out = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(out, padded)
+        dist.all_gather(out, padded.contiguous())
         rank = dist.get_rank()
         ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
         return torch.cat([o[:n] for o, n in zip(out, sizes)])        # (sum of sizes, ...)
@@ -224,31 +240,60 @@ class GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.start: ctx.stop]
+        return grad[ctx.start: ctx.stop], None
 
 
-def gather(x, world, grad=True):
+def gather(x, world, grad=True, sizes=None):
     if world == 1:
         return x
-    return GatherWithGrad.apply(x) if grad else GatherWithGrad.apply(x.detach()).detach()
+    return GatherWithGrad.apply(x, sizes) if grad else GatherWithGrad.apply(x.detach(), sizes).detach()
 
 
 # -----------------------------------------------------------------------------
 # The loss of one batch, and the optimiser
 
-def compute_loss(model, images, tokens, semantic, args, world=1):
+def compute_loss(model, images, tokens, semantic, args, world=1, sizes=None):
     """Forward pass and the model's training loss on the GLOBAL batch (all ranks' pairs).
-    Returns (loss, parts) with parts a dict of detached tensors for logging."""
+    Returns (loss, parts) with parts a dict of detached tensors for logging. sizes: every rank's
+    batch size if known (no exchange in the gather), else None."""
     image_emb, text_emb, logit_scale = model(images, tokens)
-    image_emb, text_emb = gather(image_emb, world), gather(text_emb, world)
+    image_emb, text_emb = gather(image_emb, world, sizes=sizes), gather(text_emb, world, sizes=sizes)
     if args.model != "alignclip":
         loss = A.clip_loss(image_emb.float(), text_emb.float(), logit_scale.float())
         return loss, {"clip": loss.detach()}
-    semantic = None if args.no_rescale else gather(semantic, world, grad=False)
+    semantic = None if args.no_rescale else gather(semantic, world, grad=False, sizes=sizes)
     loss, parts = A.alignclip_loss(image_emb, text_emb, semantic, logit_scale, alpha=args.alpha,
                                    beta=args.beta, separate=args.separate, rescale=not args.no_rescale,
                                    block_size=args.loss_block_size, return_parts=True)
     return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def autocast_dtype(precision, device):
+    """--precision -> the autocast dtype, None for float32 (no autocast). auto: bf16 on a GPU with
+    native bf16 (compute capability 8.0 and later), fp16 on older GPUs, fp32 on CPU. A dtype that
+    autocast cannot use on this device is an error, never a silent float32 run."""
+    cuda = device.type == "cuda"
+    native_bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
+    if precision == "auto":
+        precision = "fp32" if not cuda else "bf16" if native_bf16 else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    if cuda and dtype == torch.bfloat16 and not native_bf16:
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
+                         "(needs compute capability 8.0); use --precision fp16 or fp32")
+    if dtype is not None and not _autocast_works(device, dtype):
+        raise ValueError(f"--precision {precision}: autocast on {device.type} does not support {dtype} "
+                         f"in torch {torch.__version__}; use --precision fp32 or bf16")
+    return dtype
+
+
+def _autocast_works(device, dtype):
+    """Whether a matmul under torch.autocast(device, dtype) really runs in dtype (torch warns and
+    falls back to float32 where the pair is unsupported)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device.type, dtype=dtype):
+            x = torch.ones(2, 2, device=device)
+            return (x @ x).dtype == dtype
 
 
 def make_optimizer(model, args, device):
@@ -352,10 +397,12 @@ def steps_per_epoch(source, args, world):
 
 
 def captions_and_cache(args, source, rank, device):
-    """(every training caption, SemanticCache or None), each computed once, by rank 0: the captions
-    from --captions, from the source (synthetic, CSV: already in memory) or, for shards, in one pass
-    over their text members, kept in --cache-dir for the other ranks and later runs; then the
-    sentence embeddings (AlignCLIP with rescaling). The other ranks wait, then read the files."""
+    """(every training caption, SemanticCache or None), each computed once per machine, by its local
+    rank 0: the captions from --captions, from the source (synthetic, CSV: already in memory) or, for
+    shards, in one pass over their text members, kept in --cache-dir for the other ranks and later
+    runs; then the sentence embeddings (AlignCLIP with rescaling). The other ranks wait, then read
+    the files."""
+    leader = int(os.environ.get("LOCAL_RANK", rank)) == 0
     need_cache = args.model == "alignclip" and not args.no_rescale
     try:
         if need_cache or (isinstance(source, str) and not args.captions):
@@ -369,16 +416,18 @@ def captions_and_cache(args, source, rank, device):
         else:
             shards = A.TarShards(source, None)  # a missing shard: an error naming it
             path = os.path.join(args.cache_dir, f"captions-{shards_key(shards.urls)}.jsonl")
-            if rank == 0 and not os.path.isfile(path):
+            if leader and not os.path.isfile(path):
                 A.write_captions(path, shards.caption_list())
-            wait_for_rank0(path, rank, "list the captions of the shards")
+            wait_for_leader(path, leader, rank, "list the captions of the shards")
             captions = A.read_captions(path)
         cache = None
-        if need_cache and rank == 0:
+        if need_cache and leader:
+            if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: say who does the work
+                print(f"rank {rank} computes the sentence embeddings; the other ranks on this machine wait")
             cache = A.SemanticCache.build(captions, default_semantic_model(args), args.cache_dir, device=str(device))
         elif need_cache:
             path = A.SemanticCache.path_for(captions, default_semantic_model(args), args.cache_dir)
-            wait_for_rank0(path, rank, "encode the captions with the sentence encoder")
+            wait_for_leader(path, leader, rank, "encode the captions with the sentence encoder")
             cache = A.SemanticCache(path)
     except PermissionError as e:
         raise ValueError(str(e)) from None  # an unwritable --cache-dir: one line
@@ -391,14 +440,14 @@ def shards_key(urls):
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:20]
 
 
-def wait_for_rank0(path, rank, what):
-    """Other ranks: wait, saying so, until rank 0 has written `path` (atomically). A file, not a
-    barrier: NCCL's barrier times out after 10 minutes, less than encoding 10M captions takes.
-    --cache-dir must be on a file system every rank sees."""
-    if rank != 0 and not os.path.isfile(path):
-        print(f"rank {rank}: waiting for rank 0 to {what} ({path})", flush=True)
+def wait_for_leader(path, leader, rank, what):
+    """Ranks other than their machine's local rank 0: wait, saying so, until it has written `path`
+    (atomically). A file, not a barrier: NCCL's barrier times out after 10 minutes, less than encoding
+    10M captions takes; if local rank 0 fails, torchrun ends the waiting ranks."""
+    if not leader and not os.path.isfile(path):
+        print(f"rank {rank}: waiting for local rank 0 to {what} ({path})", flush=True)
         while not os.path.isfile(path):
-            time.sleep(2)
+            time.sleep(0.5)
 
 
 def default_semantic_model(args):
@@ -506,7 +555,7 @@ def bare_decode_rates(blobs):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: complete, atomic, and enough to continue bit for bit
+# Checkpoints: complete, atomic, and enough to continue exactly (bit for bit on CPU)
 
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -515,11 +564,33 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, note=print):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved and here:
+        torch.cuda.set_rng_state_all(saved[:here])
+    if len(saved) > here:
+        note(f"note: the checkpoint holds the random states of {len(saved)} CUDA devices and this process "
+             f"sees {here}; the states of the other {len(saved) - here} are ignored")
+
+
+def resume_position(saved, world, batch_size, note=print):
+    """The saved data position for a run with `world` processes. position["batch"] counts global
+    batches of batch_size * world_size pairs, so after a change in the number of processes the
+    pairs already seen are batch * saved_world / world global batches of the new size (rounded
+    down: at most one global batch is seen twice). Shards are re-divided among the ranks, so for
+    them the position is only approximately the same amount of data."""
+    pos = dict(saved)
+    before = pos.get("world_size", 1)
+    if before != world:
+        pos["batch"] = pos["batch"] * before // world
+        note(f"note: the checkpoint was written by {before} process(es) and this run has {world}: the global "
+             f"batch is now {batch_size * world} pairs (was {batch_size * before}); the epoch continues at "
+             f"batch {pos['batch']} (was {saved['batch']}). Resume is exact only with the same number of processes")
+    pos["world_size"] = world
+    return pos
 
 
 def save(path, raw_model, optimizer, scaler, tokenizer, args, position, world=1):
@@ -594,8 +665,8 @@ class StopRequested:
     """Ctrl-C sets a flag; the loop saves a checkpoint after the step in flight and exits.
     A second Ctrl-C interrupts at once."""
 
-    def __init__(self):
-        self.flag, self.pid = False, os.getpid()
+    def __init__(self, verbose=True):
+        self.flag, self.pid, self.verbose = False, os.getpid(), verbose  # verbose: this rank prints
         self.previous = signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
@@ -604,10 +675,33 @@ class StopRequested:
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
-        print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)")
+        if self.verbose:
+            print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)")
 
     def restore(self):
         signal.signal(signal.SIGINT, self.previous)
+
+
+class StepControl:
+    """What the ranks agree on before every step, on the host: each rank's batch size (so the
+    embedding gather needs no size exchange on the device) and whether any rank has a stop request
+    (torchrun passes Ctrl-C to every rank, each at its own moment; all must stop after the same step,
+    or the ones that go on block in a collective). One all_gather of two integers over a gloo group
+    of CPU tensors: no host-device sync. A single process exchanges nothing."""
+
+    def __init__(self, world):
+        self.world = world
+        self.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
+
+    def exchange(self, rows, stop_flag):
+        """-> (every rank's batch size or None for one process, whether any rank stops)."""
+        if self.world == 1:
+            return None, stop_flag
+        mine = torch.tensor([rows, int(stop_flag)])
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        every = torch.stack(every).tolist()                      # (world, 2) on the host
+        return [n for n, _ in every], any(f for _, f in every)
 
 
 def log_line(rec):
@@ -632,6 +726,7 @@ class NonFiniteWatch:
         cuda, self.world = device.type == "cuda", world
         self.first = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss finite so far
         self.host = torch.full((), -1, dtype=torch.long, pin_memory=cuda)
+        self.host_view = self.host.numpy()  # read as plain host memory: no tensor op, no device wait
         self.copied = torch.cuda.Event() if cuda else None
 
     def update(self, loss, step):
@@ -644,7 +739,7 @@ class NonFiniteWatch:
 
     def poll(self):
         landed = self.world == 1 and (self.copied is None or self.copied.query())
-        return int(self.host) if landed and int(self.host) >= 0 else None
+        return int(self.host_view) if landed and int(self.host_view) >= 0 else None
 
     def first_bad(self):
         return int(self.first) if int(self.first) >= 0 else None
@@ -694,22 +789,13 @@ def count_empty(empty, args, skipped):
                          "check the data and its options (--csv-img-key, --csv-caption-key)")
 
 
-def usable(batch, world, device):
-    """Whether the batch has a pair on every rank: a batch whose every sample was bad is skipped, never
-    given to the model. Under DDP the ranks skip together (one small all_reduce, DDP only)."""
-    if world == 1:
-        return len(batch["caption"]) > 0
-    n = torch.tensor(len(batch["caption"]), device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    return int(n) > 0
-
-
 EMPTY_BATCHES_IN_A_ROW = 50   # this many batches in a row without one usable pair: the data is broken
 
 
 def setup_run(args):
     """Everything before the first step: device, data, tokenizer, sentence embeddings, model."""
     rank, world, device = setup_distributed(args)
+    autocast_dtype(args.precision, device)  # an unsupported --precision: an error before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.preset}-s{args.seed}")
@@ -747,17 +833,17 @@ def train(args):
     raw = model
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = make_optimizer(model, args, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
-             "auto": torch.bfloat16 if device.type == "cuda" else None}[args.precision]
+    dtype = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    position = {"step": 0, "epoch": 0, "batch": 0, "world_size": world}
+    note = print if rank == 0 else (lambda *_: None)
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        position = dict(ckpt["position"])
-        set_rng_state(ckpt["rng"])
+        position = resume_position(ckpt["position"], world, args.batch_size, note)
+        set_rng_state(ckpt["rng"], note)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -774,15 +860,17 @@ def train(args):
         print(f"{args.model} ({args.preset}, {n_params / 1e6:.2f}M parameters) on {device}, world {world}; "
               f"{total} steps of {args.batch_size * world} pairs; run folder {args.out}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
-    stop = StopRequested()
+    stop = StopRequested(verbose=main)
     ckpt_path = os.path.join(args.out, "last.pt")
     if main:
         A.remove_stale_temporaries(ckpt_path)   # left by a run killed while writing (SIGKILL)
-    status = run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args,
-                      device, rank, world, position, total, per_epoch, stop, log, ckpt_path)
-    stop.restore()
-    if log:
-        log.close()
+    try:
+        status = run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args,
+                          device, rank, world, position, total, per_epoch, stop, log, ckpt_path)
+    finally:  # also after an exception: Ctrl-C must not stay bound to this finished run
+        stop.restore()
+        if log:
+            log.close()
     return status, raw, tokenizer, val_src, device
 
 
@@ -806,6 +894,7 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
         kept["step"] = pos["step"]
         return True
 
+    control, work = StepControl(world), {"pairs": 0, "flops": 0}   # work: done by this process, all ranks
     bar = tqdm(total=total, initial=pos["step"], disable=not main, dynamic_ncols=True, leave=False)
     estimate = TimeEstimate(t0, pos["step"], total, args.eval_every)
     if args.eval_every and pos["step"] == 0:  # where every curve starts
@@ -818,13 +907,17 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
             if pos["step"] >= total:
                 break
             skipped += batch["skipped"]
-            if not usable(batch, world, device):
+            sizes, stopping = control.exchange(batch["image"].shape[0], stop.flag)
+            if min(sizes or [batch["image"].shape[0]]) == 0:   # no usable pair (on some rank): all skip it
                 pos["batch"] += 1
                 count_empty(empty, args, skipped)
                 continue
             empty["in_a_row"] = 0
             loss, parts, gnorm = train_step(model, optimizer, scaler, dtype, batch, args, device, world,
-                                            learning_rate(pos["step"], total, args))
+                                            learning_rate(pos["step"], total, args), sizes)
+            count_work(work, raw.config, batch, sizes)
+            if world == 1:  # nothing to agree on: a Ctrl-C during this step stops after it
+                stopping = stop.flag
             pos["step"] += 1
             pos["batch"] += 1
             watch.update(loss, pos["step"])
@@ -835,7 +928,7 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
             if line and main:
                 bar.write(line)
             end_of_interval = pos["step"] % args.log_every == 0 or pos["step"] == total
-            must_save = pos["step"] % args.save_every == 0 or stop.flag or pos["step"] == args.stop_after
+            must_save = pos["step"] % args.save_every == 0 or stopping or pos["step"] == args.stop_after
             bad = watch.first_bad() if end_of_interval else watch.poll()   # a sync per log line only
             if bad is not None:
                 bar.close()
@@ -855,9 +948,10 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
                                                   bar, log))
             if must_save and not checkpoint():
                 return "nan"
-            if stop.flag or pos["step"] == args.stop_after:
+            if stopping or pos["step"] == args.stop_after:
                 bar.close()
-                print(f"stopped after step {pos['step']}; checkpoint {ckpt_path}; continue with --resume")
+                if main:
+                    print(f"stopped after step {pos['step']}; checkpoint {ckpt_path}; continue with --resume")
                 return "stopped"
         else:
             if from_start and pos["step"] == steps_before:   # else an endless loop of empty epochs
@@ -872,16 +966,9 @@ def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, 
         return "nan"
     if main:
         elapsed = time.time() - t0
-        n = (pos["step"] - done_at_start) * args.batch_size * world
-        print(f"done: {pos['step']} steps, {n / max(elapsed, 1e-9):.0f} pairs/s over {elapsed / 60:.1f} min, "
-              f"{skipped} bad samples skipped ({empty['total']} batches had none usable)")
-        achieved = 3 * forward_flops_per_pair(raw.config) * n / max(elapsed, 1e-9)  # FLOP/s, all ranks
-        line = f"model FLOPs: {achieved / world / 1e12:.3f} TFLOP/s per device"
-        if device.type == "cuda":
-            line += (f" = {100 * achieved / world / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops:g} "
-                     f"TFLOP/s (--peak-tflops); peak memory "
-                     f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-        print(line)
+        print(f"done: {pos['step']} steps, {work['pairs'] / max(elapsed, 1e-9):.0f} pairs/s over "
+              f"{elapsed / 60:.1f} min, {skipped} bad samples skipped ({empty['total']} batches had none usable)")
+        print(throughput_line(work, elapsed, device, world, args.peak_tflops))
     return "done"
 
 
@@ -936,12 +1023,17 @@ def to_device(batch, device):
     return images, tokens, semantic
 
 
-def train_step(model, optimizer, scaler, dtype, batch, args, device, world, lr):
+
+
+def train_step(model, optimizer, scaler, dtype, batch, args, device, world, lr, sizes=None):
+    """One optimisation step. Everything stays on the device: no .item(), no Python branch on a
+    tensor; the caller reads the returned tensors once per log interval. With GradScaler (fp16),
+    scaler.step reads the inf check unless the optimizer is fused (CUDA: it is)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     images, tokens, semantic = to_device(batch, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss, parts = compute_loss(model, images, tokens, semantic, args, world)
+        loss, parts = compute_loss(model, images, tokens, semantic, args, world, sizes=sizes)
     optimizer.zero_grad(set_to_none=True)
     if scaler:
         scaler.scale(loss).backward()
@@ -957,18 +1049,39 @@ def train_step(model, optimizer, scaler, dtype, batch, args, device, world, lr):
     return loss.detach(), parts, gnorm
 
 
-def forward_flops_per_pair(c):
+def forward_flops_per_pair(c, text_tokens=None):
     """Matrix-multiply FLOPs of one image and one text forward pass (2 per multiply-add): for each
     of L blocks over n tokens of width W, 2 n W^2 (4 + 2 mlp_ratio) for the projections and MLP and
-    4 n^2 W for attention; plus the patch embedding and the final projections. Text at full context.
-    ViT-B-16: 35 GFLOP per image, 13 per text; a training step costs about 3x the forward."""
+    4 n^2 W for attention; plus the patch embedding and the final projections. The text has
+    text_tokens positions: the batch's trimmed length (Collate drops the padding after the longest
+    caption), by default the full context. Causal attention is counted as full (as the kernels
+    mostly compute it). ViT-B-16: 35 GFLOP per image, 13 per 77-token text; a training step costs
+    about 3x the forward."""
     def tower(n, width, layers):
         return layers * (2 * n * width ** 2 * (4 + 2 * c.mlp_ratio) + 4 * n ** 2 * width)
     n_img = (c.image_size // c.patch_size) ** 2 + 1
     text_width, text_layers = (c.width, c.layers) if c.shared else (c.text_width, c.text_layers)
     image = tower(n_img, c.width, c.layers) + 2 * (n_img - 1) * 3 * c.patch_size ** 2 * c.width
-    text = tower(c.context_length, text_width, text_layers)
+    text = tower(text_tokens or c.context_length, text_width, text_layers)
     return image + text + 2 * (c.width + text_width) * c.embed_dim
+
+
+def count_work(work, config, batch, sizes):
+    """Add one step's pairs (all ranks) and model FLOPs (3x the forward, at the batch's actual text
+    length: shapes only, no device sync) to `work`."""
+    pairs = sum(sizes) if sizes else batch["image"].shape[0]
+    work["pairs"] += pairs
+    work["flops"] += 3 * forward_flops_per_pair(config, batch["tokens"].shape[1]) * pairs
+
+
+def throughput_line(work, elapsed, device, world, peak_tflops):
+    """Model FLOP/s per device, and on CUDA the utilisation against --peak-tflops and peak memory."""
+    per_device = work["flops"] / max(elapsed, 1e-9) / world
+    line = f"model FLOPs: {per_device / 1e12:.3f} TFLOP/s per device"
+    if device.type == "cuda":
+        line += (f" = {100 * per_device / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s "
+                 f"(--peak-tflops); peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    return line
 
 
 def interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, world, t0, start, skipped):
@@ -983,6 +1096,77 @@ def interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, worl
                 "eta_min": (total - pos["step"]) / max(rate, 1e-9) / 60, "skipped": skipped,
                 "time_s": elapsed})
     return rec
+
+
+def random_batch(config, batch_size, semantic_dim, seed=0):
+    """A batch as Collate makes it, of random pixels and token ids: every text has the full context
+    (its end token last), which is what trimming leaves of a batch with one long caption."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, config.vocab_size - 2, (batch_size, config.context_length), generator=g)
+    tokens[:, -1] = config.eot_id
+    size = config.image_size
+    return {"image": torch.randn(batch_size, 3, size, size, generator=g), "tokens": tokens,
+            "semantic": torch.randn(batch_size, semantic_dim, generator=g), "skipped": 0}
+
+
+def selfcheck(args, warmup=3):
+    """--selfcheck N: N timed steps of train_step, after `warmup` untimed ones (compilation, cuDNN and
+    allocator warm-up), on one random batch kept in pinned host memory and copied every step as a
+    loader's batch would be. Measures the model, loss and optimizer, not the data pipeline. On CUDA
+    one more step runs under torch.cuda.set_sync_debug_mode("error"), which fails on any operator
+    that makes the host wait for the device."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = autocast_dtype(args.precision, device)
+    torch.manual_seed(args.seed)
+    config = A.ModelConfig.preset(args.preset, shared=args.model != "clip", activation=args.activation)
+    raw = A.CLIP(config).to(device)
+    raw.set_grad_checkpointing(args.grad_checkpointing)
+    model = torch.compile(raw) if args.compile else raw
+    optimizer = make_optimizer(raw, args, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    batch = random_batch(config, args.batch_size, 768, args.seed)   # 768: all-mpnet-base-v2's width
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+    step = lambda: train_step(model, optimizer, scaler, dtype, batch, args, device, 1, args.lr)[0]
+    elapsed, final = _time_steps(step, warmup, args.selfcheck, device)
+    work = {"pairs": 0, "flops": 0}
+    count_work(work, config, batch, None)
+    work = {k: v * args.selfcheck for k, v in work.items()}
+    print(f"selfcheck: {args.model} {args.preset}, batch {args.batch_size}, {dtype or torch.float32}"
+          f"{', compiled' if args.compile else ''}, on {device}: {args.selfcheck} steps in {elapsed:.2f} s, "
+          f"{work['pairs'] / elapsed:.0f} pairs/s; last loss {final:.4f}")
+    print(throughput_line(work, elapsed, device, 1, args.peak_tflops))
+    if device.type == "cuda":
+        print(_sync_check(step))
+    return final
+
+
+def _time_steps(step, warmup, n, device):
+    """(seconds for n calls of step() after `warmup` untimed ones, the last loss as a float). On
+    CUDA the device is synchronised around the timed calls and the peak memory counter reset."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(n)]
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, float(losses[-1])
+
+
+def _sync_check(step):
+    """Run step() once more with CUDA's sync debug mode set to "error"; a line with the verdict."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "no host-device sync in a training step (torch.cuda.set_sync_debug_mode)"
+    except RuntimeError as e:
+        return f"a host-device sync in a training step: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def report(model, tokenizer, val_src, args, device):
@@ -1021,9 +1205,6 @@ def check_resume_options(ckpt, args, path, world):
     """--resume continues the SAME run: another model, loss, batch size, data or seed would silently
     train something else (and a new global batch size would misplace the data position)."""
     changed = changed_options(ckpt.get("args", {}), vars(args), RESUME_MAY_CHANGE)
-    saved_world = ckpt.get("world_size", world)
-    if saved_world != world:
-        changed += ("; " if changed else "") + f"processes {saved_world} there, {world} now"
     if changed:
         raise ValueError(f"--resume {path} was trained with other options ({changed}); resume with the "
                          "same ones, or start a new run with another --out")
@@ -1089,6 +1270,8 @@ def main(argv=None):
     try:
         if args.bench_data:
             return bench_data(args)
+        if args.selfcheck:
+            return selfcheck(args)
         if args.compare:
             return compare([a for a in argv if a not in ("--compare", "--ablations")], args)
         status, model, tokenizer, val_src, device = train(args)
@@ -1103,4 +1286,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # under torchrun, record() puts the failing rank's traceback into the launcher's error summary
+    from torch.distributed.elastic.multiprocessing.errors import record
+    record(main)()
