@@ -532,6 +532,17 @@ def tokenize(tokenizer, texts, context_length):
     return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
 
 
+def largest_tau(max_scale):
+    """The largest float32 tau with exp(tau) <= max_scale. At tau = float32(log 100) exp gives
+    100.0000076, the cap in forward is active and no gradient reaches tau, so a learnable scale started
+    at the cap could never move; training keeps tau at or below this value instead (after every
+    optimizer step, as OpenCLIP clamps it), where the cap is inactive and tau can still come down."""
+    tau = torch.tensor(math.log(max_scale))
+    while tau.exp() > max_scale:
+        tau = torch.nextafter(tau, torch.tensor(-math.inf))
+    return tau.item()
+
+
 class CLIP(nn.Module):
     """CLIP (config.shared=False) or SharedCLIP/AlignCLIP (config.shared=True).
 
@@ -554,8 +565,8 @@ class CLIP(nn.Module):
                                                 c.mlp_ratio, c.activation)
             self.ln_final = nn.LayerNorm(c.text_width)
             self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale),  # tau
-                                        requires_grad=not c.fixed_logit_scale)
+        tau = min(c.init_logit_scale, largest_tau(c.max_logit_scale))
+        self.logit_scale = nn.Parameter(torch.tensor(tau), requires_grad=not c.fixed_logit_scale)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -611,6 +622,11 @@ class CLIP(nn.Module):
         x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, D)
         x = torch.where(is_eot.any(dim=1, keepdim=True), x, float("nan"))  # (B, D)
         return F.normalize(x, dim=-1)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self):
+        """Keep tau where s <= max_logit_scale and the gradient still reaches it (see largest_tau)."""
+        self.logit_scale.clamp_(max=largest_tau(self.config.max_logit_scale))
 
     def forward(self, images, tokens):
         logit_scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)

@@ -3243,6 +3243,22 @@ def test_init_and_fixed_logit_scale_reach_the_model_and_survive_resume(tmp_path,
     assert abs(float(_tau(learned / "last.pt")) - math.log(50.0)) > 1e-3  # and moved
 
 
+def test_a_learnable_scale_started_at_the_cap_can_move():
+    # float32 log(100) has exp 100.0000076: with tau there the cap in forward would pass no gradient
+    model = A.CLIP(tiny_config(init_logit_scale=math.log(100.0)))
+    cap = A.largest_tau(100.0)
+    assert model.logit_scale.item() == cap and torch.tensor(cap).exp() <= 100.0 < torch.tensor(math.log(100.0)).exp()
+    loss = A.clip_loss(*model(torch.randn(4, 3, 32, 32), tokens_with_eot(4, 16, 299)))
+    loss.backward()
+    assert model.logit_scale.grad.abs() > 0
+    opt = T.make_optimizer(model, T.parse_args(["--lr", "0.1"]), torch.device("cpu"))
+    for direction in (-1.0, 1.0):                        # a step up is clamped back; a step down moves
+        opt.zero_grad()
+        model.logit_scale.grad = torch.tensor(direction)
+        opt.step()
+        assert (model.logit_scale.item() == cap) if direction < 0 else (model.logit_scale.item() < cap)
+
+
 def test_default_logit_scale_is_clip_s(tmp_path):
     args = T.parse_args([])
     assert math.log(args.init_logit_scale) == A.ModelConfig().init_logit_scale  # 1/0.07, bit for bit

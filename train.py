@@ -61,8 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.5, help="weight of the separation term (Eq. 13)")
     g.add_argument("--init-logit-scale", type=float, default=1 / 0.07, metavar="S",
                    help="the logit scale s = 1/temperature at the start (CLIP: 1/0.07 = 14.3; trained CLIP "
-                        "models end at the cap, 100, where the clamp passes no gradient: a learnable s "
-                        "started at 100 stays there)")
+                        "models end at the cap, 100; a learnable s started there can still come down)")
     g.add_argument("--fixed-logit-scale", action="store_true",
                    help="keep s at --init-logit-scale for the whole run instead of learning it")
     g.add_argument("--loss-block-size", type=int, default=1024, help="row strip of the fused loss kernel")
@@ -297,7 +296,8 @@ def _autocast_works(device, dtype):
 
 
 def make_optimizer(model, args, device):
-    """AdamW (betas 0.9/0.98, eps 1e-6) with no weight decay on gains, biases, embeddings and tau."""
+    """AdamW (betas 0.9/0.98, eps 1e-6) with no weight decay on gains, biases, embeddings and tau;
+    after every step tau is clamped so that s stays at most 100 (model: the CLIP, not a wrapper)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # e.g. tau under --fixed-logit-scale: AdamW must not touch it
@@ -306,7 +306,9 @@ def make_optimizer(model, args, device):
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+    optimizer.register_step_post_hook(lambda *_: model.clamp_logit_scale_())  # s <= 100, on the device
+    return optimizer
 
 
 def learning_rate(step, total, args):
