@@ -565,7 +565,8 @@ class CLIP(nn.Module):
                                                 c.mlp_ratio, c.activation)
             self.ln_final = nn.LayerNorm(c.text_width)
             self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
-        tau = min(c.init_logit_scale, largest_tau(c.max_logit_scale))
+        self.max_tau = largest_tau(c.max_logit_scale)  # a Python float: clamping to it reads nothing back
+        tau = min(c.init_logit_scale, self.max_tau)
         self.logit_scale = nn.Parameter(torch.tensor(tau), requires_grad=not c.fixed_logit_scale)
         self.reset_parameters()
 
@@ -626,7 +627,7 @@ class CLIP(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale_(self):
         """Keep tau where s <= max_logit_scale and the gradient still reaches it (see largest_tau)."""
-        self.logit_scale.clamp_(max=largest_tau(self.config.max_logit_scale))
+        self.logit_scale.clamp_(max=self.max_tau)
 
     def forward(self, images, tokens):
         logit_scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
