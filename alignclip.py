@@ -6,18 +6,27 @@ AlignCLIP narrows it with two changes, both here: one transformer shared by both
 (SharedCLIP), and an intra-modality separation loss (IMSep) that pushes image embeddings apart,
 rescaled by how different their captions are according to a sentence encoder (SBERT).
 
-Sections, top to bottom (each uses only what comes before it):
-    Tokenizer   CLIP's byte-level BPE, from scratch: load CLIP's merges or learn your own
+The method, in reading order (each section uses only what comes before it):
+    Tokenizer   CLIP's byte-level BPE, from scratch: CLIP's merges or your own
     Model       ModelConfig, the transformer, CLIP (two towers) and SharedCLIP (one)
-    Checkpoints load_model for our runs, the authors' released weights and OpenCLIP/OpenAI CLIP
-    Losses      CLIP (Eq. 1-4), IMSep and AlignCLIP (Eq. 6-13): the plain reference and a fused,
-                memory-efficient custom-autograd kernel; alignment score (Eq. 5), modality gap.
-                Self-contained: copy that section alone into another codebase.
-    Metrics     retrieval recall, top-k accuracy, zero-shot classifiers
-    Data        built-in synthetic scenes, CSV and WebDataset shards, SBERT embedding cache
+    Losses      CLIP (Eq. 1-4) and AlignCLIP (Eq. 6-13): the reference, the same loss over
+                checkpointed strips of rows, the fused kernel. Torch only: copy it alone.
+    Metrics     alignment score (Eq. 5), modality gap, retrieval recall, accuracy, zero-shot
+Then a banner, "the method ends here", and the tooling: checkpoint loading (ours, the authors',
+OpenCLIP/OpenAI CLIP), data (synthetic scenes, CSV, WebDataset shards, the SBERT cache, learning
+BPE merges), the loss benchmark, evaluate_pairs.
 
-Letters used in shape comments: B batch, N image tokens, T text tokens, W transformer width,
-D embedding width, d_s sentence-encoder width, C classes, b the loss's batch.
+Legend. Each letter has one meaning in the whole file (^T is the transpose):
+    B  images or texts in a batch         b  pairs in the loss's batch (its logits are b x b)
+    N  image patches (1 + N tokens)       n  rows in one strip of the loss's logits
+    T  text tokens (T' once trimmed)      p  patch side in pixels;  h  attention heads
+    W  transformer width                  d  embedding width;  d_s  sentence-encoder width
+    C  classes                            L  a loss;  H(logits, Y)  mean cross-entropy over rows
+    E_v, E_t (b, d) image and text embeddings;  E_s (b, d_s) the captions' sentence embeddings,
+    Ê_s with its rows normalised;  s = exp(tau) the logit scale, tau its log (the model's parameter,
+    checkpoint key `logit_scale`);  Y = (0, ..., b-1) the labels;  I the identity;
+    S = Ê_s Ê_s^T, M = E_v E_t^T, V = E_v E_v^T (b x b similarities);  the fused kernel's Q, K (b, d),
+    o (b,), X = Q K^T, U, R, Z = s R, P, G = P - I; ∂ marks a gradient (∂Q, ∂s).
 
 Deliberately left out: other vision backbones (ResNets, ConvNeXt), text-only or image-only pretraining,
 mixed-resolution training, anything not in the paper.
@@ -253,89 +262,13 @@ class Tokenizer:
 
     __call__ = tok
 
-    # ---- learning merges from captions ----
+    # ---- learning merges from captions (the algorithm: learn_merges, after the method) ----
 
     @classmethod
     def train(cls, texts, vocab_size, verbose=False):
         """Learn merges from texts until vocab_size (which counts the 512 byte symbols and the
-        2 special tokens), or fewer if no pair occurs twice. Ties go to the smallest pair
-        (a, b), compared as strings, so the result does not depend on the order of texts.
-
-        Fast because no step looks at the whole corpus again: words are counted once, the
-        count of every pair and the words holding it are kept, a merge updates only the
-        words that hold its pair, and a heap with lazy deletion gives the best pair.
-        """
-        n_wanted = vocab_size - 2 * 256 - len(SPECIAL_TOKENS)
-        if n_wanted < 0:
-            raise ValueError(f"vocab_size must be at least 514, got {vocab_size}")
-        t0 = time.time()
-        words, freqs = cls._count_words(texts)  # word i as a list of symbols, and its count
-        counts, where = defaultdict(int), defaultdict(set)  # pair -> count, pair -> word ids
-        for i, (w, f) in enumerate(zip(words, freqs)):
-            for pair in zip(w, w[1:]):
-                counts[pair] += f
-                where[pair].add(i)
-        heap = [(-c, pair) for pair, c in counts.items()]  # entries may be stale, see below
-        heapq.heapify(heap)
-        if verbose:
-            print(f"train: {len(words):,} distinct words, {sum(freqs):,} in all, "
-                  f"{len(counts):,} pairs ({time.time() - t0:.1f}s)")
-        merges, learned, every = [], set(), max(1, n_wanted // 20)
-        while len(merges) < n_wanted and heap:
-            neg_count, pair = heapq.heappop(heap)
-            # lazy deletion: an entry is current only if its count still is the pair's count.
-            # Subtle: a pair merged before can come back (a+bc and ab+c both make abc); it
-            # gets no second vocabulary entry, and encode would merge it at its first rank.
-            if -neg_count != counts.get(pair, 0) or pair in learned:
-                continue
-            if -neg_count < 2:
-                break
-            merges.append(pair)
-            learned.add(pair)
-            for p in cls._apply_merge(pair, words, freqs, counts, where):
-                if counts[p] > 0:
-                    heapq.heappush(heap, (-counts[p], p))
-            if verbose and len(merges) % every == 0:
-                print(f"train: merge {len(merges):,}/{n_wanted:,} {pair[0]!r} + {pair[1]!r} "
-                      f"(count {-neg_count:,}, {time.time() - t0:.1f}s)")
-        if verbose:
-            print(f"train: {len(merges):,} merges, vocab {vocab_size - n_wanted + len(merges):,}, "
-                  f"{time.time() - t0:.1f}s")
-        return cls(merges)
-
-    @staticmethod
-    def _count_words(texts):
-        """Pre-tokenise every text once: distinct words as symbol lists, and their counts."""
-        byte_encoder, counts = bytes_to_unicode(), Counter()
-        for text in texts:
-            counts.update(pretokenize(text))
-        words = []
-        for word in counts:
-            symbols = [byte_encoder[b] for b in word.encode("utf-8")]
-            symbols[-1] += "</w>"
-            words.append(symbols)
-        return words, list(counts.values())
-
-    @staticmethod
-    def _apply_merge(pair, words, freqs, counts, where):
-        """Merge pair in every word holding it; update pair counts; return the changed pairs."""
-        delta = defaultdict(int)
-        for i in where.pop(pair, ()):
-            old = words[i]
-            new = _merge(old, *pair)
-            if len(new) == len(old):
-                continue  # the index is never pruned, so a word may no longer hold the pair
-            f = freqs[i]
-            for p in zip(old, old[1:]):
-                delta[p] -= f
-            for p in zip(new, new[1:]):
-                delta[p] += f
-                where[p].add(i)
-            words[i] = new
-        changed = [p for p, d in delta.items() if d]
-        for p in changed:
-            counts[p] += delta[p]
-        return changed
+        2 special tokens), or fewer if no pair occurs twice: Tokenizer(learn_merges(...))."""
+        return cls(learn_merges(texts, vocab_size, verbose))
 
 
 # -----------------------------------------------------------------------------
@@ -508,41 +441,6 @@ class TextStem(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
 
 
-def trim_text_padding(tokens, eot_id):
-    """(B, T) token ids -> (B, T'): the columns after the batch's last first-end-of-text position
-    dropped. Exact: encode_text reads each row at its first end token, and under causal attention
-    no position reads a later one. Meant for the host, before the batch moves to the device
-    (Collate calls it): there the data-dependent length and the check that every row holds the
-    end-of-text id cost no device sync, and encode_text needs neither. (torch.compile recompiles
-    once for a second length, then treats the length as dynamic.)"""
-    if tokens.shape[0] == 0:
-        return tokens
-    is_eot = tokens == eot_id                                  # (B, T)
-    if not bool(is_eot.any(dim=1).all()):
-        raise ValueError(f"every text must contain the end-of-text id {eot_id}")
-    longest = int(is_eot.int().argmax(dim=1).max()) + 1        # the longest row, end token included
-    return tokens[:, :longest]                                 # (B, T')
-
-
-def tokenize(tokenizer, texts, context_length):
-    """tokenizer(texts) -> (B, T') ids, trimmed by trim_text_padding when the tokenizer names its
-    end-of-text id (the project's Tokenizer); another tokenizer's (B, T) output is left as it is."""
-    tokens = tokenizer(texts, context_length=context_length)               # (B, T)
-    eot_id = getattr(tokenizer, "eot_id", None)
-    return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
-
-
-def largest_tau(max_scale):
-    """The largest float32 tau with exp(tau) <= max_scale. At tau = float32(log 100) exp gives
-    100.0000076, the cap in forward is active and no gradient reaches tau, so a learnable scale started
-    at the cap could never move; training keeps tau at or below this value instead (after every
-    optimizer step, as OpenCLIP clamps it), where the cap is inactive and tau can still come down."""
-    tau = torch.tensor(math.log(max_scale))
-    while tau.exp() > max_scale:
-        tau = torch.nextafter(tau, torch.tensor(-math.inf))
-    return tau.item()
-
-
 class CLIP(nn.Module):
     """CLIP (config.shared=False) or SharedCLIP/AlignCLIP (config.shared=True).
 
@@ -634,276 +532,39 @@ class CLIP(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), logit_scale
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: the project's own files, the authors' SharedCLIP/AlignCLIP files, and OpenCLIP/OpenAI
-# CLIP state dicts (layouts: shared/checkpoints.md). A foreign layout is read by renaming its keys
-# to ours and inferring the config from tensor shapes; our own files store asdict(config).
-# -----------------------------------------------------------------------------
-
-_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
-               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
-def save_checkpoint(obj: dict, path) -> None:
-    """torch.save to a temporary file in the same folder, then rename it over `path`: a crash
-    mid-write never leaves a truncated checkpoint behind, and the previous one survives."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def largest_tau(max_scale):
+    """The largest float32 tau with exp(tau) <= max_scale. At tau = float32(log 100) exp gives
+    100.0000076, the cap in forward is active and no gradient reaches tau, so a learnable scale started
+    at the cap could never move; training keeps tau at or below this value instead (after every
+    optimizer step, as OpenCLIP clamps it), where the cap is inactive and tau can still come down."""
+    tau = torch.tensor(math.log(max_scale))
+    while tau.exp() > max_scale:
+        tau = torch.nextafter(tau, torch.tensor(-math.inf))
+    return tau.item()
 
 
-def remove_stale_temporaries(path) -> list:
-    """Delete `path`.tmpPID files left by writers that were killed mid-write (SIGKILL, power loss):
-    those whose process no longer exists. A live writer's file is left alone. Returns the removed."""
-    folder, name = os.path.split(os.path.abspath(path))
-    removed = []
-    for entry in os.listdir(folder):
-        pid = entry[len(name) + 4:]
-        if not (entry.startswith(name + ".tmp") and pid.isdigit()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)      # signal 0: only asks whether the process exists
-            continue
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):  # alive under another user / not a pid
-            continue
-        try:
-            os.remove(os.path.join(folder, entry))
-            removed.append(entry)
-        except FileNotFoundError:     # another process cleaned it first
-            pass
-    return removed
+def trim_text_padding(tokens, eot_id):
+    """(B, T) token ids -> (B, T'): the columns after the batch's last first-end-of-text position
+    dropped. Exact: encode_text reads each row at its first end token, and under causal attention
+    no position reads a later one. Meant for the host, before the batch moves to the device
+    (Collate calls it): there the data-dependent length and the check that every row holds the
+    end-of-text id cost no device sync, and encode_text needs neither. (torch.compile recompiles
+    once for a second length, then treats the length as dynamic.)"""
+    if tokens.shape[0] == 0:
+        return tokens
+    is_eot = tokens == eot_id                                  # (B, T)
+    if not bool(is_eot.any(dim=1).all()):
+        raise ValueError(f"every text must contain the end-of-text id {eot_id}")
+    longest = int(is_eot.int().argmax(dim=1).max()) + 1        # the longest row, end token included
+    return tokens[:, :longest]                                 # (B, T')
 
 
-def read_checkpoint(path) -> dict:
-    """torch.load(weights_only=True) with one clear error for a missing, truncated or foreign file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated zip or a bad pickle
-        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); the file is "
-                         "truncated, corrupt, or not a PyTorch state dict") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
-    return obj
-
-
-def _count_blocks(sd: dict, prefix: str) -> int:
-    n = 0
-    while f"{prefix}resblocks.{n}.ln_1.weight" in sd:
-        n += 1
-    return n
-
-
-def _require(sd: dict, keys, layout: str) -> None:
-    missing = [k for k in keys if k not in sd]
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"state dict looks like the {layout} layout but lacks: {shown}")
-
-
-# Head counts cannot be read from a state dict (in_proj_weight is [3W, W] for any head count), and
-# released models do not share one head width: ViT-H-14's is 80, g-14's 88, bigG-14's 104. So a
-# foreign file's heads come from this table of released architectures, matched by shape, or from the
-# caller (load_model's heads=); never from a guess such as W / 64.
-#   two towers: (width, layers, patch, image size, text width, text layers) -> (name, heads, text heads)
-#   shared:     (width, layers, patch, image size)                           -> (name, heads)
-RELEASED_TWO_TOWER = {  # OpenAI's and OpenCLIP's ViTs (open_clip/model_configs/*.json)
-    (768, 12, 32, 224, 512, 12): ("ViT-B-32", 12, 8),
-    (768, 12, 16, 224, 512, 12): ("ViT-B-16", 12, 8),
-    (1024, 24, 14, 224, 768, 12): ("ViT-L-14", 16, 12),
-    (1024, 24, 14, 336, 768, 12): ("ViT-L-14-336", 16, 12),
-    (1280, 32, 14, 224, 1024, 24): ("ViT-H-14", 16, 16),
-    (1408, 40, 14, 224, 1024, 24): ("ViT-g-14", 16, 16),
-    (1664, 48, 14, 224, 1280, 32): ("ViT-bigG-14", 16, 20),
-}
-RELEASED_SHARED = {(768, 12, 16, 224): ("SharedCLIP/AlignCLIP ViT-B-16", 12)}  # the authors' weights
-
-
-def _known_heads(shape: tuple, shared: bool):
-    """(name, heads[, text heads]) of a released architecture or of one of our presets, or None."""
-    table = RELEASED_SHARED if shared else RELEASED_TWO_TOWER
-    if shape in table:
-        return table[shape]
-    for name in ("tiny", "ViT-B-16"):  # our presets, saved as a bare state dict
-        c = ModelConfig.preset(name, shared=shared)
-        own = (c.width, c.layers, c.patch_size, c.image_size) + (() if shared else (c.text_width, c.text_layers))
-        if own == shape:
-            return (f"preset {name}", c.heads) + (() if shared else (c.text_heads,))
-    return None
-
-
-def _explicit_heads(heads):
-    """heads= of load_model -> (heads, text heads): an int (every tower), a pair
-    (image or shared tower, text tower), a ModelConfig, or a preset name."""
-    if isinstance(heads, str):
-        heads = ModelConfig.preset(heads)
-    if isinstance(heads, ModelConfig):
-        return heads.heads, heads.text_heads
-    if isinstance(heads, int):
-        return heads, heads
-    if isinstance(heads, (tuple, list)) and len(heads) == 2:
-        return tuple(heads)
-    raise ValueError(f"heads={heads!r}: give an int, an (image, text) pair, a ModelConfig or a preset name")
-
-
-def _resolve_heads(shape: tuple, shared: bool, heads):
-    """The head counts of a foreign file: heads= if given, else the table; each must divide its width."""
-    if heads is not None:
-        found = _explicit_heads(heads)[: 1 if shared else 2]
-    else:
-        known = _known_heads(shape, shared)
-        if known is None:
-            what = "width, layers, patch, image size" + ("" if shared else ", text width, text layers")
-            raise ValueError(f"the head count of this architecture cannot be read from the weights and "
-                             f"({what}) = {shape} matches no released model; pass it: load_model(..., "
-                             "heads=H) or heads=(image heads, text heads) (eval.py: --heads H "
-                             "[--text-heads H])")
-        found = known[1:]
-    widths = shape[:1] if shared else (shape[0], shape[4])
-    for h, w, tower in zip(found, widths, ("image", "text")):
-        if not isinstance(h, int) or h < 1 or w % h:
-            raise ValueError(f"{h!r} heads do not divide the {tower} width {w}; pass the model's head count")
-    return found
-
-
-def _foreign_config(sd: dict, layout: str, activation: str, heads=None) -> ModelConfig:
-    """Infer a ModelConfig from tensor shapes; the head counts from _resolve_heads."""
-    visual_prefix = "visual.transformer." if layout == "openclip" else "transformer."
-    _require(sd, ["visual.conv1.weight", "visual.positional_embedding", f"{visual_prefix}resblocks.0.ln_1.weight"], layout)
-    width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
-    mlp_ratio = sd[f"{visual_prefix}resblocks.0.mlp.c_fc.weight"].shape[0] / width
-    layers = _count_blocks(sd, visual_prefix)
-    common = dict(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
-                  mlp_ratio=mlp_ratio, activation=activation)
-    shape = (width, layers, patch, grid * patch)
-    if layout == "shared":
-        vocab, _ = sd["text.token_embedding.weight"].shape
-        (n_heads,) = _resolve_heads(shape, True, heads)
-        return ModelConfig(**common, heads=n_heads, shared=True, embed_dim=sd["projection"].shape[1],
-                           vocab_size=vocab, eot_id=vocab - 1,
-                           context_length=sd["text.positional_embedding"].shape[0])
-    vocab, text_width = sd["token_embedding.weight"].shape
-    text_layers = _count_blocks(sd, "transformer.")
-    n_heads, text_heads = _resolve_heads(shape + (text_width, text_layers), False, heads)
-    return ModelConfig(**common, heads=n_heads, shared=False, embed_dim=sd["text_projection"].shape[1],
-                       text_width=text_width, text_heads=text_heads, text_layers=text_layers,
-                       vocab_size=vocab, eot_id=vocab - 1, context_length=sd["positional_embedding"].shape[0])
-
-
-def _rename_openclip(sd: dict) -> dict:
-    """OpenCLIP's two-tower keys -> ours (our image tower owns `transformer`, `ln_post`, `projection`)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("visual.transformer."):
-            k = k[len("visual."):]
-        elif k.startswith("transformer."):
-            k = "text_" + k
-        else:
-            k = {"visual.ln_post.weight": "ln_post.weight", "visual.ln_post.bias": "ln_post.bias",
-                 "visual.proj": "projection", "token_embedding.weight": "text.token_embedding.weight",
-                 "positional_embedding": "text.positional_embedding"}.get(k, k)
-        out[k] = v
-    return out
-
-
-def _openclip_names(sd: dict) -> dict:
-    """The inverse of _rename_openclip: our two-tower keys -> OpenCLIP's."""
-    back = {"ln_post.weight": "visual.ln_post.weight", "ln_post.bias": "visual.ln_post.bias",
-            "projection": "visual.proj", "text.token_embedding.weight": "token_embedding.weight",
-            "text.positional_embedding": "positional_embedding"}
-    def name(k):
-        if k.startswith("transformer."):
-            return "visual." + k
-        return k[len("text_"):] if k.startswith("text_transformer.") else back.get(k, k)
-    return {name(k): v for k, v in sd.items()}
-
-
-def _unwrap_state_dict(obj: dict) -> dict:
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        raise ValueError("the checkpoint's 'state_dict' entry is not a dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
-def _load_weights(model: CLIP, sd: dict, layout: str) -> CLIP:
-    """load_state_dict with errors that name every missing, unexpected or mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-        if items:
-            problems.append(f"{what}: " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
-    if problems:
-        raise ValueError(f"cannot load {layout} weights: " + "; ".join(problems))
-    model.load_state_dict(sd)
-    return model
-
-
-def _check_finite(sd: dict) -> None:
-    """A diverged run's weights (NaN or inf) would evaluate to plausible-looking numbers: refuse them."""
-    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise ValueError(f"{len(bad)} of {len(sd)} weight tensors hold NaN or inf values (e.g. {bad[0]}): "
-                         "the run that wrote them diverged; use an earlier checkpoint")
-
-
-def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: bool = False, heads=None):
-    """Build a CLIP from (a) this project's checkpoints, (b) the authors' SharedCLIP/AlignCLIP files,
-    or (c) OpenCLIP-format CLIP state dicts (OpenAI's weights: activation="quick_gelu").
-
-    A `state_dict` wrapper and DistributedDataParallel's `module.` prefixes are accepted. Foreign
-    files do not record their activation, so it must be given, nor their head counts: released
-    architectures (RELEASED_TWO_TOWER, RELEASED_SHARED) and our presets are recognised by shape;
-    any other needs heads= (an int, an (image, text) pair, a ModelConfig or a preset name).
-    Weights holding NaN or inf are refused. With with_tokenizer=True returns (model, tokenizer),
-    the tokenizer being the one stored in our checkpoints (None for others).
-    """
-    obj = path_or_state_dict
-    if not isinstance(obj, dict):
-        obj = read_checkpoint(obj)
-    merges = None
-    if "config" in obj and "model" in obj:       # (a) our own checkpoint: no guessing
-        config = ModelConfig.from_dict(obj["config"])
-        sd, layout = _unwrap_state_dict(obj["model"]), "alignclip"
-        merges = obj.get("tokenizer")
-    else:
-        sd = _unwrap_state_dict(obj)
-        if "text_transformer.resblocks.0.ln_1.weight" in sd:   # our two-tower CLIP as a bare state dict
-            sd = _openclip_names(sd)
-        if "projection" in sd and "text.token_embedding.weight" in sd:      # (b) SharedCLIP/AlignCLIP
-            sd = {k: v for k, v in sd.items() if k != "text.text_projection"}  # stored but never used
-            config, layout = _foreign_config(sd, "shared", activation, heads), "SharedCLIP/AlignCLIP"
-        elif "visual.proj" in sd or "text_projection" in sd:                 # (c) OpenCLIP / OpenAI
-            _require(sd, ["visual.proj", "text_projection", "token_embedding.weight",
-                          "positional_embedding", "ln_final.weight"], "OpenCLIP")
-            config, layout = _foreign_config(sd, "openclip", activation, heads), "OpenCLIP"
-            sd = _rename_openclip({k: v for k, v in sd.items()
-                                   if k not in ("input_resolution", "context_length", "vocab_size")})
-        else:
-            raise ValueError("unrecognised checkpoint layout: expected this project's checkpoint "
-                             "('config' and 'model'), the SharedCLIP layout ('projection', "
-                             "'text.token_embedding.weight') or the OpenCLIP layout ('visual.proj', "
-                             f"'text_projection'); found keys such as {sorted(sd)[:5]}")
-    _check_finite(sd)
-    model = _load_weights(CLIP(config), sd, layout)
-    if with_tokenizer:
-        return model, (Tokenizer([tuple(m.split(" ")) for m in merges]) if merges else None)
-    return model
+def tokenize(tokenizer, texts, context_length):
+    """tokenizer(texts) -> (B, T') ids, trimmed by trim_text_padding when the tokenizer names its
+    end-of-text id (the project's Tokenizer); another tokenizer's (B, T) output is left as it is."""
+    tokens = tokenizer(texts, context_length=context_length)               # (B, T)
+    eot_id = getattr(tokenizer, "eot_id", None)
+    return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
 
 
 # -----------------------------------------------------------------------------
@@ -1299,7 +960,10 @@ def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5
     return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
 
 
-# --- metrics ------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# Metrics: alignment score (Eq. 5), modality gap (Liang et al., 2022), retrieval recall and
+# top-k accuracy (Tables 2-5), zero-shot classifiers built from prompts
+# -----------------------------------------------------------------------------
 
 
 def alignment_score(image_emb, text_emb):
@@ -1316,187 +980,6 @@ def modality_gap(image_emb, text_emb):
     ct = _compute_dtype(image_emb)
     Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
     return (Ev.mean(0) - Et.mean(0)).norm()
-
-
-# --- benchmark: python alignclip.py bench (not needed by the losses) -----------
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _bench_case(queue, impl, b, device, timed, args):
-    """One (implementation, batch size) case in a fresh process: the peak extra memory in bytes of
-    the first forward+backward over the inputs (CPU: peak RSS growth; CUDA: the allocator's peak),
-    and the median seconds of `timed` more (or of the first alone when timed = 0). With bf16/fp16
-    the embeddings are made in that dtype, as a model under autocast returns them, and the loss is
-    called inside torch.autocast of it."""
-    import resource
-    torch.set_num_threads(args.threads)
-    loss = alignclip_loss_reference if impl == "reference" else \
-        functools.partial(alignclip_loss, block_size=args.block_size)
-    cuda = torch.device(device).type == "cuda"
-    dtype = PRECISIONS[args.precision]
-
-    def inputs(n):
-        gen = torch.Generator(device=device).manual_seed(0)
-        randn = lambda: torch.randn(n, args.dim, device=device, generator=gen)  # noqa: E731
-        Ev, Et = (F.normalize(randn(), dim=-1).to(dtype).requires_grad_() for _ in range(2))
-        Es = randn().to(dtype)                                           # raw sentence embeddings
-        return Ev, Et, Es, torch.tensor(1 / 0.07, device=device, requires_grad=True)
-
-    def seconds(loss_args):
-        t0 = time.perf_counter()
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=args.precision != "fp32"):
-            value = loss(*loss_args)
-        value.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    seconds(inputs(64))                                                  # start thread pools, kernels
-    loss_args = inputs(b)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
-    first = seconds(loss_args)                                           # the memory peak is this run's
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
-    for _ in range(timed):
-        for t in loss_args:
-            t.grad = None
-        times.append(seconds(loss_args))
-    times = times or [first]
-    queue.put((statistics.median(times), peak))
-
-
-def _run_case(impl, b, args, device):
-    """_bench_case in a spawned process; (seconds, bytes), or None if it failed (e.g. out of memory)."""
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    timed = args.repeats if b <= 8192 else 0                             # large b: the first run only
-    proc = ctx.Process(target=_bench_case, args=(queue, impl, b, device, timed, args))
-    proc.start()
-    proc.join()
-    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
-
-
-def _available_bytes(device):
-    """Free memory now: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _fmt(x, scale, digits):
-    return "—" if x is None else f"{x * scale:.{digits}f}"
-
-
-def bench(argv=None):
-    """Reference vs fused AlignCLIP loss (separate="image", rescale=True): forward+backward time and
-    peak extra memory for several batch sizes, then the largest batch the fused loss runs."""
-    p = argparse.ArgumentParser(prog="alignclip.py bench", description=bench.__doc__)
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192, 16384],
-                   help="batch sizes b to compare")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, or auto (cpu, and cuda too when available)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="fp32: float32 embeddings, no autocast (the default); bf16/fp16: embeddings "
-                        "in that dtype and the loss called inside torch.autocast of it, as in a "
-                        "mixed-precision training step (CPU: bf16 only)")
-    p.add_argument("--max-batch-search", dest="search", action="store_true", default=True,
-                   help="after the table, double b from 32768 until the fused loss fails or would "
-                        "be too slow (the default)")
-    p.add_argument("--no-search", dest="search", action="store_false", help="skip that search")
-    p.add_argument("--max-seconds", type=float, default=900,
-                   help="the search skips a batch whose forward+backward would take longer (estimated)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs after the first for b <= 8192 (larger b: the first run is timed)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--block-size", type=int, default=1024, help="rows per strip of the fused loss")
-    p.add_argument("--dim", type=int, default=768, help="embedding width d = d_s")
-    args = p.parse_args(argv)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" \
-        else [args.device]
-    if args.precision == "fp16" and any(torch.device(d).type == "cpu" for d in devices):
-        p.error("--precision fp16 needs --device cuda: autocast on CPU supports bf16 only "
-                "(use --precision bf16 there)")
-    if any(torch.device(d).type == "cuda" for d in devices) and not torch.cuda.is_available():
-        p.error("--device cuda, but torch sees no CUDA device here")
-    for device in devices:
-        _bench_device(args, device)
-
-
-def _bench_device(args, device):
-    precision = "float32" if args.precision == "fp32" else \
-        f"{args.precision} embeddings under {args.precision} autocast (both losses compute in float32)"
-    print(f"\n== {device}: forward+backward of alignclip_loss (separate='image', rescale=True), "
-          f"d = d_s = {args.dim}, {precision}, {args.threads} threads, block_size {args.block_size}",
-          flush=True)
-    rows, ref_per_b2 = [], None                                          # reference bytes / b^2
-    for b in args.sizes:
-        results = {}
-        for impl in ("reference", "fused"):
-            need, free = (ref_per_b2 or 0) * b * b, _available_bytes(device)
-            if impl == "reference" and free is not None and need > 0.8 * free:
-                print(f"  b={b:>6} {impl:>9}: skipped, needs about {need / 2**30:.1f} GiB", flush=True)
-                results[impl] = None
-                continue
-            results[impl] = r = _run_case(impl, b, args, device)
-            print(f"  b={b:>6} {impl:>9}: " + ("failed" if r is None else
-                  f"{r[0] * 1e3:10.1f} ms  {r[1] / 2**20:8.1f} MB"), flush=True)
-            if impl == "reference" and r is not None:
-                ref_per_b2 = r[1] / b / b                                # from the largest b so far
-        rows.append((b, results["reference"], results["fused"]))
-    print(f"\n{'b':>7} | {'reference ms':>12} | {'fused ms':>10} | {'time f/r':>8} | "
-          f"{'reference MB':>12} | {'fused MB':>9} | {'memory f/r':>10}")
-    for b, r, f in rows:
-        ratio = lambda i: None if r is None or f is None or r[i] <= 0 else f[i] / r[i]  # noqa: E731
-        print(f"{b:>7} | {_fmt(r and r[0], 1e3, 1):>12} | {_fmt(f and f[0], 1e3, 1):>10} | "
-              f"{_fmt(ratio(0), 1, 2):>8} | {_fmt(r and r[1], 2**-20, 1):>12} | "
-              f"{_fmt(f and f[1], 2**-20, 1):>9} | {_fmt(ratio(1), 1, 3):>10}", flush=True)
-    if args.search:
-        _search_max_batch(args, device, rows)
-
-
-def _search_max_batch(args, device, rows):
-    """Double b from 32768 while the fused loss completes, fits and stays under --max-seconds."""
-    last = max(((b, f) for b, _, f in rows if f is not None), default=None)
-    b, best = 32768, None
-    print(f"\nlargest batch for the fused loss on {device} (from 32768, doubling):", flush=True)
-    while True:
-        if last is not None:
-            scale = b / last[0]
-            est_s, est_bytes, free = last[1][0] * scale**2, last[1][1] * scale, _available_bytes(device)
-            if est_s > args.max_seconds:
-                print(f"  b={b:>7}: not tried, would take about {est_s:.0f} s (--max-seconds "
-                      f"{args.max_seconds:.0f})", flush=True)
-                break
-            if free is not None and est_bytes + 3 * b * args.dim * 4 > 0.8 * free:
-                print(f"  b={b:>7}: not tried, would need about {est_bytes / 2**30:.1f} GiB", flush=True)
-                break
-        r = _run_case("fused", b, args, device)
-        print(f"  b={b:>7}: " + ("failed" if r is None else
-              f"{r[0]:.1f} s, {r[1] / 2**20:.0f} MB extra"), flush=True)
-        if r is None:
-            break
-        best, last, b = b, (b, r), 2 * b
-    print(f"largest batch completed: {best if best else '—'}", flush=True)
-
-
-# -----------------------------------------------------------------------------
-# Evaluation metrics (method.md section 3) on top of the loss section's alignment_score and
-# modality_gap: retrieval recall, top-k accuracy, and zero-shot classifiers built from prompts.
-# -----------------------------------------------------------------------------
 
 
 def _ranked(scores, k):
@@ -1548,25 +1031,282 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -
     return torch.stack(rows)                                            # (C, D)
 
 
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.Tensor:
-    """(N, D) float32 text embeddings of a list of strings, in batches."""
-    ctx = model.config.context_length
-    out = [model.encode_text(tokenize(tokenizer, texts[i:i + batch_size], ctx).to(device)).float()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out).cpu()
+# =============================================================================
+# The method ends here. Everything below is tooling that the method does not need to be read:
+# checkpoint loading, data, learning BPE merges, the loss benchmark, evaluate_pairs.
+# =============================================================================
 
 
-@torch.no_grad()
-def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
-    """(N, D) float32 image embeddings from an iterable of (B, 3, H, W) tensors (e.g. a DataLoader).
-    bf16 autocast on CUDA; `progress` wraps the iterable (e.g. tqdm) if given."""
-    use_amp = torch.device(device).type == "cuda"
-    out = []
-    for images in (progress(batches) if progress else batches):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out)
+# -----------------------------------------------------------------------------
+# Checkpoints: the project's own files, the authors' SharedCLIP/AlignCLIP files, and OpenCLIP/OpenAI
+# CLIP state dicts (layouts: shared/checkpoints.md). A foreign layout is read by renaming its keys
+# to ours and inferring the config from tensor shapes; our own files store asdict(config).
+# -----------------------------------------------------------------------------
+
+_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """torch.save to a temporary file in the same folder, then rename it over `path`: a crash
+    mid-write never leaves a truncated checkpoint behind, and the previous one survives."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(path) -> list:
+    """Delete `path`.tmpPID files left by writers that were killed mid-write (SIGKILL, power loss):
+    those whose process no longer exists. A live writer's file is left alone. Returns the removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for entry in os.listdir(folder):
+        pid = entry[len(name) + 4:]
+        if not (entry.startswith(name + ".tmp") and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)      # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # alive under another user / not a pid
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+            removed.append(entry)
+        except FileNotFoundError:     # another process cleaned it first
+            pass
+    return removed
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load(weights_only=True) with one clear error for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated zip or a bad pickle
+        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); the file is "
+                         "truncated, corrupt, or not a PyTorch state dict") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    return obj
+
+
+def _count_blocks(sd: dict, prefix: str) -> int:
+    n = 0
+    while f"{prefix}resblocks.{n}.ln_1.weight" in sd:
+        n += 1
+    return n
+
+
+def _require(sd: dict, keys, layout: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"state dict looks like the {layout} layout but lacks: {shown}")
+
+
+# Head counts cannot be read from a state dict (in_proj_weight is [3W, W] for any head count), and
+# released models do not share one head width: ViT-H-14's is 80, g-14's 88, bigG-14's 104. So a
+# foreign file's heads come from this table of released architectures, matched by shape, or from the
+# caller (load_model's heads=); never from a guess such as W / 64.
+#   two towers: (width, layers, patch, image size, text width, text layers) -> (name, heads, text heads)
+#   shared:     (width, layers, patch, image size)                           -> (name, heads)
+RELEASED_TWO_TOWER = {  # OpenAI's and OpenCLIP's ViTs (open_clip/model_configs/*.json)
+    (768, 12, 32, 224, 512, 12): ("ViT-B-32", 12, 8),
+    (768, 12, 16, 224, 512, 12): ("ViT-B-16", 12, 8),
+    (1024, 24, 14, 224, 768, 12): ("ViT-L-14", 16, 12),
+    (1024, 24, 14, 336, 768, 12): ("ViT-L-14-336", 16, 12),
+    (1280, 32, 14, 224, 1024, 24): ("ViT-H-14", 16, 16),
+    (1408, 40, 14, 224, 1024, 24): ("ViT-g-14", 16, 16),
+    (1664, 48, 14, 224, 1280, 32): ("ViT-bigG-14", 16, 20),
+}
+RELEASED_SHARED = {(768, 12, 16, 224): ("SharedCLIP/AlignCLIP ViT-B-16", 12)}  # the authors' weights
+
+
+def _known_heads(shape: tuple, shared: bool):
+    """(name, heads[, text heads]) of a released architecture or of one of our presets, or None."""
+    table = RELEASED_SHARED if shared else RELEASED_TWO_TOWER
+    if shape in table:
+        return table[shape]
+    for name in ("tiny", "ViT-B-16"):  # our presets, saved as a bare state dict
+        c = ModelConfig.preset(name, shared=shared)
+        own = (c.width, c.layers, c.patch_size, c.image_size) + (() if shared else (c.text_width, c.text_layers))
+        if own == shape:
+            return (f"preset {name}", c.heads) + (() if shared else (c.text_heads,))
+    return None
+
+
+def _explicit_heads(heads):
+    """heads= of load_model -> (heads, text heads): an int (every tower), a pair
+    (image or shared tower, text tower), a ModelConfig, or a preset name."""
+    if isinstance(heads, str):
+        heads = ModelConfig.preset(heads)
+    if isinstance(heads, ModelConfig):
+        return heads.heads, heads.text_heads
+    if isinstance(heads, int):
+        return heads, heads
+    if isinstance(heads, (tuple, list)) and len(heads) == 2:
+        return tuple(heads)
+    raise ValueError(f"heads={heads!r}: give an int, an (image, text) pair, a ModelConfig or a preset name")
+
+
+def _resolve_heads(shape: tuple, shared: bool, heads):
+    """The head counts of a foreign file: heads= if given, else the table; each must divide its width."""
+    if heads is not None:
+        found = _explicit_heads(heads)[: 1 if shared else 2]
+    else:
+        known = _known_heads(shape, shared)
+        if known is None:
+            what = "width, layers, patch, image size" + ("" if shared else ", text width, text layers")
+            raise ValueError(f"the head count of this architecture cannot be read from the weights and "
+                             f"({what}) = {shape} matches no released model; pass it: load_model(..., "
+                             "heads=H) or heads=(image heads, text heads) (eval.py: --heads H "
+                             "[--text-heads H])")
+        found = known[1:]
+    widths = shape[:1] if shared else (shape[0], shape[4])
+    for h, w, tower in zip(found, widths, ("image", "text")):
+        if not isinstance(h, int) or h < 1 or w % h:
+            raise ValueError(f"{h!r} heads do not divide the {tower} width {w}; pass the model's head count")
+    return found
+
+
+def _foreign_config(sd: dict, layout: str, activation: str, heads=None) -> ModelConfig:
+    """Infer a ModelConfig from tensor shapes; the head counts from _resolve_heads."""
+    visual_prefix = "visual.transformer." if layout == "openclip" else "transformer."
+    _require(sd, ["visual.conv1.weight", "visual.positional_embedding", f"{visual_prefix}resblocks.0.ln_1.weight"], layout)
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+    mlp_ratio = sd[f"{visual_prefix}resblocks.0.mlp.c_fc.weight"].shape[0] / width
+    layers = _count_blocks(sd, visual_prefix)
+    common = dict(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                  mlp_ratio=mlp_ratio, activation=activation)
+    shape = (width, layers, patch, grid * patch)
+    if layout == "shared":
+        vocab, _ = sd["text.token_embedding.weight"].shape
+        (n_heads,) = _resolve_heads(shape, True, heads)
+        return ModelConfig(**common, heads=n_heads, shared=True, embed_dim=sd["projection"].shape[1],
+                           vocab_size=vocab, eot_id=vocab - 1,
+                           context_length=sd["text.positional_embedding"].shape[0])
+    vocab, text_width = sd["token_embedding.weight"].shape
+    text_layers = _count_blocks(sd, "transformer.")
+    n_heads, text_heads = _resolve_heads(shape + (text_width, text_layers), False, heads)
+    return ModelConfig(**common, heads=n_heads, shared=False, embed_dim=sd["text_projection"].shape[1],
+                       text_width=text_width, text_heads=text_heads, text_layers=text_layers,
+                       vocab_size=vocab, eot_id=vocab - 1, context_length=sd["positional_embedding"].shape[0])
+
+
+def _rename_openclip(sd: dict) -> dict:
+    """OpenCLIP's two-tower keys -> ours (our image tower owns `transformer`, `ln_post`, `projection`)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("visual.transformer."):
+            k = k[len("visual."):]
+        elif k.startswith("transformer."):
+            k = "text_" + k
+        else:
+            k = {"visual.ln_post.weight": "ln_post.weight", "visual.ln_post.bias": "ln_post.bias",
+                 "visual.proj": "projection", "token_embedding.weight": "text.token_embedding.weight",
+                 "positional_embedding": "text.positional_embedding"}.get(k, k)
+        out[k] = v
+    return out
+
+
+def _openclip_names(sd: dict) -> dict:
+    """The inverse of _rename_openclip: our two-tower keys -> OpenCLIP's."""
+    back = {"ln_post.weight": "visual.ln_post.weight", "ln_post.bias": "visual.ln_post.bias",
+            "projection": "visual.proj", "text.token_embedding.weight": "token_embedding.weight",
+            "text.positional_embedding": "positional_embedding"}
+    def name(k):
+        if k.startswith("transformer."):
+            return "visual." + k
+        return k[len("text_"):] if k.startswith("text_transformer.") else back.get(k, k)
+    return {name(k): v for k, v in sd.items()}
+
+
+def _unwrap_state_dict(obj: dict) -> dict:
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise ValueError("the checkpoint's 'state_dict' entry is not a dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def _load_weights(model: CLIP, sd: dict, layout: str) -> CLIP:
+    """load_state_dict with errors that name every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if items:
+            problems.append(f"{what}: " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
+    if problems:
+        raise ValueError(f"cannot load {layout} weights: " + "; ".join(problems))
+    model.load_state_dict(sd)
+    return model
+
+
+def _check_finite(sd: dict) -> None:
+    """A diverged run's weights (NaN or inf) would evaluate to plausible-looking numbers: refuse them."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(sd)} weight tensors hold NaN or inf values (e.g. {bad[0]}): "
+                         "the run that wrote them diverged; use an earlier checkpoint")
+
+
+def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: bool = False, heads=None):
+    """Build a CLIP from (a) this project's checkpoints, (b) the authors' SharedCLIP/AlignCLIP files,
+    or (c) OpenCLIP-format CLIP state dicts (OpenAI's weights: activation="quick_gelu").
+
+    A `state_dict` wrapper and DistributedDataParallel's `module.` prefixes are accepted. Foreign
+    files do not record their activation, so it must be given, nor their head counts: released
+    architectures (RELEASED_TWO_TOWER, RELEASED_SHARED) and our presets are recognised by shape;
+    any other needs heads= (an int, an (image, text) pair, a ModelConfig or a preset name).
+    Weights holding NaN or inf are refused. With with_tokenizer=True returns (model, tokenizer),
+    the tokenizer being the one stored in our checkpoints (None for others).
+    """
+    obj = path_or_state_dict
+    if not isinstance(obj, dict):
+        obj = read_checkpoint(obj)
+    merges = None
+    if "config" in obj and "model" in obj:       # (a) our own checkpoint: no guessing
+        config = ModelConfig.from_dict(obj["config"])
+        sd, layout = _unwrap_state_dict(obj["model"]), "alignclip"
+        merges = obj.get("tokenizer")
+    else:
+        sd = _unwrap_state_dict(obj)
+        if "text_transformer.resblocks.0.ln_1.weight" in sd:   # our two-tower CLIP as a bare state dict
+            sd = _openclip_names(sd)
+        if "projection" in sd and "text.token_embedding.weight" in sd:      # (b) SharedCLIP/AlignCLIP
+            sd = {k: v for k, v in sd.items() if k != "text.text_projection"}  # stored but never used
+            config, layout = _foreign_config(sd, "shared", activation, heads), "SharedCLIP/AlignCLIP"
+        elif "visual.proj" in sd or "text_projection" in sd:                 # (c) OpenCLIP / OpenAI
+            _require(sd, ["visual.proj", "text_projection", "token_embedding.weight",
+                          "positional_embedding", "ln_final.weight"], "OpenCLIP")
+            config, layout = _foreign_config(sd, "openclip", activation, heads), "OpenCLIP"
+            sd = _rename_openclip({k: v for k, v in sd.items()
+                                   if k not in ("input_resolution", "context_length", "vocab_size")})
+        else:
+            raise ValueError("unrecognised checkpoint layout: expected this project's checkpoint "
+                             "('config' and 'model'), the SharedCLIP layout ('projection', "
+                             "'text.token_embedding.weight') or the OpenCLIP layout ('visual.proj', "
+                             f"'text_projection'); found keys such as {sorted(sd)[:5]}")
+    _check_finite(sd)
+    model = _load_weights(CLIP(config), sd, layout)
+    if with_tokenizer:
+        return model, (Tokenizer([tuple(m.split(" ")) for m in merges]) if merges else None)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -2521,8 +2261,293 @@ def _atomic_write_text(path, text):
 
 
 # -----------------------------------------------------------------------------
+# Learning BPE merges from captions (Tokenizer.train): the most frequent adjacent pair, greedily
+# -----------------------------------------------------------------------------
+
+
+def learn_merges(texts, vocab_size, verbose=False):
+    """Learn merges from texts until vocab_size (which counts the 512 byte symbols and the
+    2 special tokens), or fewer if no pair occurs twice. Ties go to the smallest pair
+    (a, b), compared as strings, so the result does not depend on the order of texts.
+
+    Fast because no step looks at the whole corpus again: words are counted once, the
+    count of every pair and the words holding it are kept, a merge updates only the
+    words that hold its pair, and a heap with lazy deletion gives the best pair.
+    """
+    n_wanted = vocab_size - 2 * 256 - len(SPECIAL_TOKENS)
+    if n_wanted < 0:
+        raise ValueError(f"vocab_size must be at least 514, got {vocab_size}")
+    t0 = time.time()
+    words, freqs = _count_words(texts)  # word i as a list of symbols, and its count
+    counts, where = defaultdict(int), defaultdict(set)  # pair -> count, pair -> word ids
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            counts[pair] += f
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]  # entries may be stale, see below
+    heapq.heapify(heap)
+    if verbose:
+        print(f"train: {len(words):,} distinct words, {sum(freqs):,} in all, "
+              f"{len(counts):,} pairs ({time.time() - t0:.1f}s)")
+    merges, learned, every = [], set(), max(1, n_wanted // 20)
+    while len(merges) < n_wanted and heap:
+        neg_count, pair = heapq.heappop(heap)
+        # lazy deletion: an entry is current only if its count still is the pair's count.
+        # Subtle: a pair merged before can come back (a+bc and ab+c both make abc); it
+        # gets no second vocabulary entry, and encode would merge it at its first rank.
+        if -neg_count != counts.get(pair, 0) or pair in learned:
+            continue
+        if -neg_count < 2:
+            break
+        merges.append(pair)
+        learned.add(pair)
+        for p in _apply_merge(pair, words, freqs, counts, where):
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+        if verbose and len(merges) % every == 0:
+            print(f"train: merge {len(merges):,}/{n_wanted:,} {pair[0]!r} + {pair[1]!r} "
+                  f"(count {-neg_count:,}, {time.time() - t0:.1f}s)")
+    if verbose:
+        print(f"train: {len(merges):,} merges, vocab {vocab_size - n_wanted + len(merges):,}, "
+              f"{time.time() - t0:.1f}s")
+    return merges
+
+
+def _count_words(texts):
+    """Pre-tokenise every text once: distinct words as symbol lists, and their counts."""
+    byte_encoder, counts = bytes_to_unicode(), Counter()
+    for text in texts:
+        counts.update(pretokenize(text))
+    words = []
+    for word in counts:
+        symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        words.append(symbols)
+    return words, list(counts.values())
+
+
+def _apply_merge(pair, words, freqs, counts, where):
+    """Merge pair in every word holding it; update pair counts; return the changed pairs."""
+    delta = defaultdict(int)
+    for i in where.pop(pair, ()):
+        old = words[i]
+        new = _merge(old, *pair)
+        if len(new) == len(old):
+            continue  # the index is never pruned, so a word may no longer hold the pair
+        f = freqs[i]
+        for p in zip(old, old[1:]):
+            delta[p] -= f
+        for p in zip(new, new[1:]):
+            delta[p] += f
+            where[p].add(i)
+        words[i] = new
+    changed = [p for p, d in delta.items() if d]
+    for p in changed:
+        counts[p] += delta[p]
+    return changed
+
+
+# -----------------------------------------------------------------------------
+# The loss benchmark: python alignclip.py bench (reference against fused, time and memory)
+# -----------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bench_case(queue, impl, b, device, timed, args):
+    """One (implementation, batch size) case in a fresh process: the peak extra memory in bytes of
+    the first forward+backward over the inputs (CPU: peak RSS growth; CUDA: the allocator's peak),
+    and the median seconds of `timed` more (or of the first alone when timed = 0). With bf16/fp16
+    the embeddings are made in that dtype, as a model under autocast returns them, and the loss is
+    called inside torch.autocast of it."""
+    import resource
+    torch.set_num_threads(args.threads)
+    loss = alignclip_loss_reference if impl == "reference" else \
+        functools.partial(alignclip_loss, block_size=args.block_size)
+    cuda = torch.device(device).type == "cuda"
+    dtype = PRECISIONS[args.precision]
+
+    def inputs(n):
+        gen = torch.Generator(device=device).manual_seed(0)
+        randn = lambda: torch.randn(n, args.dim, device=device, generator=gen)  # noqa: E731
+        Ev, Et = (F.normalize(randn(), dim=-1).to(dtype).requires_grad_() for _ in range(2))
+        Es = randn().to(dtype)                                           # raw sentence embeddings
+        return Ev, Et, Es, torch.tensor(1 / 0.07, device=device, requires_grad=True)
+
+    def seconds(loss_args):
+        t0 = time.perf_counter()
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=args.precision != "fp32"):
+            value = loss(*loss_args)
+        value.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    seconds(inputs(64))                                                  # start thread pools, kernels
+    loss_args = inputs(b)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
+    first = seconds(loss_args)                                           # the memory peak is this run's
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(timed):
+        for t in loss_args:
+            t.grad = None
+        times.append(seconds(loss_args))
+    times = times or [first]
+    queue.put((statistics.median(times), peak))
+
+
+def _run_case(impl, b, args, device):
+    """_bench_case in a spawned process; (seconds, bytes), or None if it failed (e.g. out of memory)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    timed = args.repeats if b <= 8192 else 0                             # large b: the first run only
+    proc = ctx.Process(target=_bench_case, args=(queue, impl, b, device, timed, args))
+    proc.start()
+    proc.join()
+    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
+
+
+def _available_bytes(device):
+    """Free memory now: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _fmt(x, scale, digits):
+    return "—" if x is None else f"{x * scale:.{digits}f}"
+
+
+def bench(argv=None):
+    """Reference vs fused AlignCLIP loss (separate="image", rescale=True): forward+backward time and
+    peak extra memory for several batch sizes, then the largest batch the fused loss runs."""
+    p = argparse.ArgumentParser(prog="alignclip.py bench", description=bench.__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192, 16384],
+                   help="batch sizes b to compare")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, or auto (cpu, and cuda too when available)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32: float32 embeddings, no autocast (the default); bf16/fp16: embeddings "
+                        "in that dtype and the loss called inside torch.autocast of it, as in a "
+                        "mixed-precision training step (CPU: bf16 only)")
+    p.add_argument("--max-batch-search", dest="search", action="store_true", default=True,
+                   help="after the table, double b from 32768 until the fused loss fails or would "
+                        "be too slow (the default)")
+    p.add_argument("--no-search", dest="search", action="store_false", help="skip that search")
+    p.add_argument("--max-seconds", type=float, default=900,
+                   help="the search skips a batch whose forward+backward would take longer (estimated)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs after the first for b <= 8192 (larger b: the first run is timed)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--block-size", type=int, default=1024, help="rows per strip of the fused loss")
+    p.add_argument("--dim", type=int, default=768, help="embedding width d = d_s")
+    args = p.parse_args(argv)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" \
+        else [args.device]
+    if args.precision == "fp16" and any(torch.device(d).type == "cpu" for d in devices):
+        p.error("--precision fp16 needs --device cuda: autocast on CPU supports bf16 only "
+                "(use --precision bf16 there)")
+    if any(torch.device(d).type == "cuda" for d in devices) and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device here")
+    for device in devices:
+        _bench_device(args, device)
+
+
+def _bench_device(args, device):
+    precision = "float32" if args.precision == "fp32" else \
+        f"{args.precision} embeddings under {args.precision} autocast (both losses compute in float32)"
+    print(f"\n== {device}: forward+backward of alignclip_loss (separate='image', rescale=True), "
+          f"d = d_s = {args.dim}, {precision}, {args.threads} threads, block_size {args.block_size}",
+          flush=True)
+    rows, ref_per_b2 = [], None                                          # reference bytes / b^2
+    for b in args.sizes:
+        results = {}
+        for impl in ("reference", "fused"):
+            need, free = (ref_per_b2 or 0) * b * b, _available_bytes(device)
+            if impl == "reference" and free is not None and need > 0.8 * free:
+                print(f"  b={b:>6} {impl:>9}: skipped, needs about {need / 2**30:.1f} GiB", flush=True)
+                results[impl] = None
+                continue
+            results[impl] = r = _run_case(impl, b, args, device)
+            print(f"  b={b:>6} {impl:>9}: " + ("failed" if r is None else
+                  f"{r[0] * 1e3:10.1f} ms  {r[1] / 2**20:8.1f} MB"), flush=True)
+            if impl == "reference" and r is not None:
+                ref_per_b2 = r[1] / b / b                                # from the largest b so far
+        rows.append((b, results["reference"], results["fused"]))
+    print(f"\n{'b':>7} | {'reference ms':>12} | {'fused ms':>10} | {'time f/r':>8} | "
+          f"{'reference MB':>12} | {'fused MB':>9} | {'memory f/r':>10}")
+    for b, r, f in rows:
+        ratio = lambda i: None if r is None or f is None or r[i] <= 0 else f[i] / r[i]  # noqa: E731
+        print(f"{b:>7} | {_fmt(r and r[0], 1e3, 1):>12} | {_fmt(f and f[0], 1e3, 1):>10} | "
+              f"{_fmt(ratio(0), 1, 2):>8} | {_fmt(r and r[1], 2**-20, 1):>12} | "
+              f"{_fmt(f and f[1], 2**-20, 1):>9} | {_fmt(ratio(1), 1, 3):>10}", flush=True)
+    if args.search:
+        _search_max_batch(args, device, rows)
+
+
+def _search_max_batch(args, device, rows):
+    """Double b from 32768 while the fused loss completes, fits and stays under --max-seconds."""
+    last = max(((b, f) for b, _, f in rows if f is not None), default=None)
+    b, best = 32768, None
+    print(f"\nlargest batch for the fused loss on {device} (from 32768, doubling):", flush=True)
+    while True:
+        if last is not None:
+            scale = b / last[0]
+            est_s, est_bytes, free = last[1][0] * scale**2, last[1][1] * scale, _available_bytes(device)
+            if est_s > args.max_seconds:
+                print(f"  b={b:>7}: not tried, would take about {est_s:.0f} s (--max-seconds "
+                      f"{args.max_seconds:.0f})", flush=True)
+                break
+            if free is not None and est_bytes + 3 * b * args.dim * 4 > 0.8 * free:
+                print(f"  b={b:>7}: not tried, would need about {est_bytes / 2**30:.1f} GiB", flush=True)
+                break
+        r = _run_case("fused", b, args, device)
+        print(f"  b={b:>7}: " + ("failed" if r is None else
+              f"{r[0]:.1f} s, {r[1] / 2**20:.0f} MB extra"), flush=True)
+        if r is None:
+            break
+        best, last, b = b, (b, r), 2 * b
+    print(f"largest batch completed: {best if best else '—'}", flush=True)
+
+
+# -----------------------------------------------------------------------------
 # Putting it together: the validation numbers train.py prints (eval.py has every table)
 # -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.Tensor:
+    """(N, D) float32 text embeddings of a list of strings, in batches."""
+    ctx = model.config.context_length
+    out = [model.encode_text(tokenize(tokenizer, texts[i:i + batch_size], ctx).to(device)).float()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
+    """(N, D) float32 image embeddings from an iterable of (B, 3, H, W) tensors (e.g. a DataLoader).
+    bf16 autocast on CUDA; `progress` wraps the iterable (e.g. tqdm) if given."""
+    use_amp = torch.device(device).type == "cuda"
+    out = []
+    for images in (progress(batches) if progress else batches):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out)
 
 
 class _EvalImages(torch.utils.data.Dataset):
