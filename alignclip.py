@@ -275,11 +275,12 @@ class Tokenizer:
 # Model: CLIP (two towers) and SharedCLIP / AlignCLIP (one transformer)
 #
 # Both modalities become a sequence of W-wide tokens, then a pre-LayerNorm transformer reads them:
-#   image: 16x16 patches -> linear (a strided conv) -> [class token, patches] + positions -> ln_pre
+#   image: p x p patches (ViT-B/16: p = 16; tiny: 8) -> linear (a strided conv) -> [class token,
+#          patches] + positions -> ln_pre
 #   text:  token ids -> embedding + positions           (no ln_pre; causal attention)
 # The embedding is ln_post(the token that summarises the input) @ projection, L2-normalised:
 #   image: the class token (position 0);  text: the end-of-text token, found by its id.
-# SharedCLIP (method.md section 1) uses ONE transformer, ONE ln_post and ONE projection for both;
+# SharedCLIP (the paper's first change) uses ONE transformer, ONE ln_post and ONE projection for both;
 # the CLIP baseline gives the text its own tower (text_transformer, ln_final, text_projection),
 # of its own width, exactly as OpenCLIP does. AlignCLIP is SharedCLIP trained with the IMSep loss.
 # -----------------------------------------------------------------------------
@@ -288,12 +289,12 @@ class Tokenizer:
 @dataclass
 class ModelConfig:
     image_size: int = 224           # input images are image_size x image_size pixels
-    patch_size: int = 16            # side of a square patch; the image is (image_size/patch_size)^2 tokens
+    patch_size: int = 16            # p: side of a square patch; N = (image_size / p)^2 patches
     width: int = 768                # W: width of the shared transformer (or of the image tower if not shared)
-    layers: int = 12                # L: number of residual attention blocks
-    heads: int = 12                 # attention heads (head width W / heads)
+    layers: int = 12                # number of residual attention blocks
+    heads: int = 12                 # h: attention heads, each W / h wide
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio * W
-    embed_dim: int = 768            # D: width of the final, L2-normalised embedding
+    embed_dim: int = 768            # d: width of the final, L2-normalised embedding
     shared: bool = True             # True: SharedCLIP/AlignCLIP, one transformer; False: CLIP's two towers
     text_width: int = 512           # width of the text tower (shared=False only)
     text_layers: int = 12           # depth of the text tower (shared=False only)
@@ -304,7 +305,7 @@ class ModelConfig:
     activation: str = "gelu"        # "gelu" (OpenCLIP, AlignCLIP) or "quick_gelu" (OpenAI's weights)
     init_logit_scale: float = math.log(1 / 0.07)  # tau at initialisation; logit scale s = exp(tau)
     fixed_logit_scale: bool = False  # True: tau is a constant (requires_grad False), s never moves
-    max_logit_scale: float = 100.0  # s is clamped to at most this
+    max_logit_scale: float = 100.0  # s (not tau) is clamped to at most this
 
     @staticmethod
     def preset(name: str, **overrides) -> "ModelConfig":
@@ -418,7 +419,7 @@ class ImageStem(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
 
     def forward(self, images):
-        x = self.conv1(images)                                      # (B, W, H/p, W/p)
+        x = self.conv1(images)                                      # (B, W, √N, √N)
         x = x.flatten(2).transpose(1, 2)                            # (B, N, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, W)
@@ -426,7 +427,7 @@ class ImageStem(nn.Module):
 
 
 class TextStem(nn.Module):
-    """Token ids -> tokens: embedding plus learned positions. No LayerNorm here (method.md 1)."""
+    """Token ids -> tokens: embedding plus learned positions. No LayerNorm here (unlike ImageStem's ln_pre)."""
 
     def __init__(self, vocab_size: int, context_length: int, width: int):
         super().__init__()
@@ -444,8 +445,8 @@ class TextStem(nn.Module):
 class CLIP(nn.Module):
     """CLIP (config.shared=False) or SharedCLIP/AlignCLIP (config.shared=True).
 
-    encode_image / encode_text return L2-normalised embeddings (B, D); forward returns
-    (image_emb, text_emb, logit_scale) with logit_scale = min(exp(tau), max_logit_scale).
+    encode_image / encode_text return L2-normalised embeddings (B, d); forward returns
+    (image_emb, text_emb, s) with the logit scale s = min(exp(tau), max_logit_scale).
     """
 
     def __init__(self, config: ModelConfig):
@@ -465,6 +466,7 @@ class CLIP(nn.Module):
             self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
         self.max_tau = largest_tau(c.max_logit_scale)  # a Python float: clamping to it reads nothing back
         tau = min(c.init_logit_scale, self.max_tau)
+        # holds tau = log s, not s: named logit_scale as in OpenAI's and OpenCLIP's checkpoints
         self.logit_scale = nn.Parameter(torch.tensor(tau), requires_grad=not c.fixed_logit_scale)
         self.reset_parameters()
 
@@ -476,8 +478,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.visual.class_embedding, std=scale)
         nn.init.normal_(self.visual.positional_embedding, std=scale)
         for transformer, proj in self._towers():
-            W, L = transformer.width, transformer.layers
-            proj_std, attn_std, fc_std = (W ** -0.5) * ((2 * L) ** -0.5), W ** -0.5, (2 * W) ** -0.5
+            W, layers = transformer.width, transformer.layers
+            proj_std, attn_std, fc_std = (W ** -0.5) * ((2 * layers) ** -0.5), W ** -0.5, (2 * W) ** -0.5
             for block in transformer.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
                 nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -495,13 +497,13 @@ class CLIP(nn.Module):
             transformer.grad_checkpointing = enable
 
     def encode_image(self, images):
-        """(B, 3, H, W) normalised pixels -> (B, D) unit-norm image embeddings E_v."""
+        """(B, 3, image_size, image_size) normalised pixels -> (B, d) unit-norm image embeddings E_v."""
         x = self.transformer(self.visual(images), causal=False)    # (B, 1 + N, W)
-        x = self.ln_post(x[:, 0]) @ self.projection                # class token -> (B, D)
+        x = self.ln_post(x[:, 0]) @ self.projection                # class token -> (B, d)
         return F.normalize(x, dim=-1)
 
     def encode_text(self, tokens):
-        """(B, T) token ids -> (B, D) unit-norm text embeddings E_t, read at the end-of-text token.
+        """(B, T) token ids -> (B, d) unit-norm text embeddings E_t, read at the end-of-text token.
 
         T may be any length up to context_length: causal attention means nothing after a row's end
         token changes its embedding, so the caller may drop padding (trim_text_padding; Collate does)
@@ -518,8 +520,8 @@ class CLIP(nn.Module):
         else:
             transformer, ln, proj = self.text_transformer, self.ln_final, self.text_projection
         x = transformer(x, causal=True)                            # (B, T, W)
-        x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, D)
-        x = torch.where(is_eot.any(dim=1, keepdim=True), x, float("nan"))  # (B, D)
+        x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, d)
+        x = torch.where(is_eot.any(dim=1, keepdim=True), x, float("nan"))  # (B, d)
         return F.normalize(x, dim=-1)
 
     @torch.no_grad()
@@ -528,8 +530,8 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(max=self.max_tau)
 
     def forward(self, images, tokens):
-        logit_scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
-        return self.encode_image(images), self.encode_text(tokens), logit_scale
+        scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)  # s = exp(tau), capped
+        return self.encode_image(images), self.encode_text(tokens), scale
 
 
 def largest_tau(max_scale):
@@ -568,11 +570,10 @@ def tokenize(tokenizer, texts, context_length):
 
 
 # -----------------------------------------------------------------------------
-# Losses (the paper's Eq. 1-13) and the alignment metrics (Eq. 5; Liang et al., 2022)
+# Losses: CLIP's (Eq. 1-4) and AlignCLIP's (Eq. 6-13)
 #
 # Self-contained: this section needs only torch and the standard library, so it can be copied
-# alone into another codebase, with these imports (the benchmark at its end also uses argparse,
-# functools, statistics and time; leave it out if you do not need it):
+# alone into another codebase, with these imports:
 #     from dataclasses import dataclass
 #     import torch
 #     import torch.nn.functional as F
@@ -589,8 +590,9 @@ def tokenize(tokenizer, texts, context_length):
 # Reading order: clip_loss (Eq. 1-4) -> alignclip_loss_reference (Eq. 6-13, line by line) -> the
 # fused kernel: its identities, contrastive_ce_strips (the same loss over strips of rows, plain
 # autograd), ContrastiveCE (the same numbers with fewer products) -> alignclip_loss (the
-# reference's semantics on the kernel; train.py uses it) -> alignment_score (Eq. 5), modality_gap.
-# Symbols: E_v, E_t (b, d) image and text embeddings, E_s (b, d_s) sentence embeddings of the
+# reference's semantics on the kernel; train.py uses it).
+# Symbols (the module's legend, repeated for a copy of this section alone): E_v, E_t (b, d) image
+# and text embeddings, E_s (b, d_s) sentence embeddings of the
 # captions, s = exp(tau) the logit scale (the argument `scale`; the model's parameter is tau),
 # Y = (0, ..., b-1) the labels, H(logits, Y) the mean cross-entropy over rows.
 # Precision: every loss computes in float32 (float64 for float64 inputs) with autocast off inside,
@@ -622,8 +624,8 @@ def clip_loss(image_emb, text_emb, scale):
     """CLIP's symmetric contrastive loss (Eq. 1-4):  L = 1/2 [ H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y) ].
 
     image_emb, text_emb: (b, d), already L2-normalised; scale: s = exp(tau), a number or a tensor
-    of shape () or (1,). The same value without a b x b matrix: 0.5 * contrastive_ce(image_emb,
-    text_emb, scale, both_directions=True) (below).
+    of shape () or (1,). The same value, without a b x b matrix once b > block_size:
+    0.5 * contrastive_ce(image_emb, text_emb, scale, both_directions=True) (below).
     """
     ct = _compute_dtype(image_emb)
     with _autocast_off(image_emb):
@@ -645,17 +647,17 @@ def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0
     """AlignCLIP's loss written exactly as the paper states it (Eq. 6-13); every matrix is b x b.
 
         S     = Ê_s Ê_s^T           semantic similarity of the captions, Ê_s = rows of E_s normalised
-        1 - S                       the paper's D (Eq. 6-7), `dissim` in the code; with
-                                    rescale=False 1 - I, the ablation "w/o rescaling" (Table 7)
+        1 - S                       the captions' dissimilarity (Eq. 6-7), `dissim` in the code;
+                                    rescale=False: 1 - I, the ablation "w/o rescaling" (Table 7)
         V     = E_v E_v^T           image-image similarity (E_t E_t^T for separate="text")
-        V_D   = V ⊙ (1 - S)         (Eq. 8-9)   element-wise
+        V ⊙ (1 - S)                 (Eq. 8-9) element-wise: V rescaled, `V_rescaled` in the code
         M     = E_v E_t^T           image-text similarity; diag(M) keeps its diagonal only
-        logits_vsep = s [ diag(M) + V_D ]                                     (Eq. 10)
+        logits_vsep = s [ diag(M) + V ⊙ (1 - S) ]                             (Eq. 10)
         L_IMSep     = H(logits_vsep, Y)                                        (Eq. 11)
         L = alpha [ H(s M, Y) + H(s M^T, Y) ] + beta L_IMSep                   (Eq. 12-13)
 
     Note the cross-modal part is the SUM of the two cross-entropies (no 1/2, unlike clip_loss), as
-    in the paper and the authors' code. Row i's positive is M_ii plus V_D's diagonal V_ii (1 - S_ii),
+    in the paper and the authors' code. Row i's positive is M_ii plus V_ii (1 - S_ii),
     which is 0 up to rounding when E_s's row i is not zero (and V_ii = 1 when it is: S_ii = 0);
     its negatives are the other images, each rescaled by how different its caption is (identical
     captions: weight 0, no push apart). separate="both" uses L_IMSep(image) + L_IMSep(text).
@@ -681,8 +683,8 @@ def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0
         diag_M = torch.diag(torch.diagonal(M))                           # (b, b)  diag(M)
 
         def imsep(E):                                                    # E: E_v or E_t
-            V_D = (E @ E.T) * dissim                                     # (b, b)
-            return F.cross_entropy(s * (diag_M + V_D), labels)
+            V_rescaled = (E @ E.T) * dissim                              # (b, b)  V ⊙ (1 - S)
+            return F.cross_entropy(s * (diag_M + V_rescaled), labels)
 
         sides = {"image": [Ev], "text": [Et], "both": [Ev, Et]}[separate]
         sep = sum(imsep(E) for E in sides)
@@ -694,9 +696,9 @@ def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0
 # Every term of Eq. 13 is one contrastive cross-entropy over Z = s R, with
 #     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ê_s Ê_s^T (IMSep), 1 - I (no rescaling), 1 (CLIP)
 # (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o_i = M_ii). With the row softmax
-# P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss (1/b) sum_i
-# [logsumexp_j Z_ij - Z_ii] has b dloss/dZ = G, hence
-#     dQ = (s/b) (G ⊙ U) K,  dK = (s/b) (G ⊙ U)^T Q,  d_o = (s/b) diag(G),  ds = (1/b) sum(G ⊙ R);
+# P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss L = (1/b) sum_i
+# [logsumexp_j Z_ij - Z_ii] has b ∂L/∂Z = G, hence
+#     ∂Q = (s/b) (G ⊙ U) K,  ∂K = (s/b) (G ⊙ U)^T Q,  ∂o = (s/b) diag(G),  ∂s = (1/b) sum(G ⊙ R);
 # both directions add H(Z^T, Y), and G gains the column softmax minus I.
 # A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their
 # maxima and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash
@@ -800,8 +802,8 @@ def _row_logsumexp(op, block, z_buf, u_buf):
 
 @dataclass
 class _Grads:
-    """The identities' sums over strips, scaled once at the end: dQ and dK by s/b, d_o by s/b,
-    G ⊙ R's sum by 1/b. dK is the same tensor as dQ when K is Q."""
+    """The identities' sums over strips, scaled once at the end: dQ, dK, d_o (∂Q, ∂K, ∂o) by s/b,
+    GR (b ∂s) by 1/b. dK is the same tensor as dQ when K is Q."""
     dQ: torch.Tensor            # (b, d)  (G ⊙ U) K  [+ (G ⊙ U)^T Q when K is Q]
     dK: torch.Tensor            # (b, d)  (G ⊙ U)^T Q
     d_o: object                 # (b,)    diag(G), or None without o
@@ -816,7 +818,7 @@ class _Grads:
 
 def _strip_grads(op, G, U, r0, r1, acc):
     """Add strip r0:r1's share of each sum into acc. sum(G ⊙ R) = sum_i G_ii o_i + sum(G ⊙ U ⊙ X),
-    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product dQ needs anyway."""
+    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product ∂Q needs anyway."""
     if op.diag is not None:
         acc.d_o[r0:r1] = G.diagonal(r0)                                  # (n,)
         acc.GR += torch.dot(acc.d_o[r0:r1], op.diag[r0:r1])
@@ -825,7 +827,7 @@ def _strip_grads(op, G, U, r0, r1, acc):
         GU.diagonal(r0).zero_()
     Qs = op.Q[r0:r1]                                                     # (n, d)
     if op.K is op.Q and r1 - r0 == op.Q.shape[0]:
-        # one strip and K = Q: dQ's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
+        # one strip and K = Q: ∂Q's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
         # as Q Q^T is symmetric, sum(G ⊙ U ⊙ Q Q^T) is half of Q . that sum
         GUQ = (GU + GU.T) @ Qs                                           # (b, d)
         acc.dQ += GUQ
@@ -882,13 +884,13 @@ class ContrastiveCE(torch.autograd.Function):
     tensor of shape () or (1,); sem: Ê_s (b, d_s) row-normalised, for U = 1 - Ê_s Ê_s^T, or None;
     zero_diag: U = 1 - I instead (U = 1 when both are off); both_directions; block_size.
 
-    Fewer products: each strip's G becomes its share of dQ, dK, d_o and ds at once (the identities
-    above), so no logits are recomputed in backward, and ds needs no pass of its own. With both
+    Fewer products: each strip's G becomes its share of ∂Q, ∂K, ∂o and ∂s at once (the identities
+    above), so no logits are recomputed in backward, and ∂s needs no pass of its own. With both
     directions a first sweep over strips of Z^T gives the column log-sum-exps and one sweep then
     does both softmaxes: 4 products of b x b x d, against 6 for two one-direction sweeps and 8 for
-    contrastive_ce_strips; one strip with K = Q takes one product for dQ instead of two.
+    contrastive_ce_strips; one strip with K = Q takes one product for ∂Q instead of two.
 
-    Saves: only dQ, dK, d_o and ds. The loss is a scalar at the end of the graph, so backward only
+    Saves: only ∂Q, ∂K, ∂o and ∂s. The loss is a scalar at the end of the graph, so backward only
     scales them by grad_output; per-row statistics instead would pay for every logits tile twice.
     Memory: O(b (d + d_s)) plus at most three (block_size, b) buffers (Z, U, and P when both
     directions need Z after P), reused by every strip.
@@ -989,7 +991,7 @@ def _ranked(scores, k):
 
 
 def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict:
-    """Recall@k in percent, both directions, for n images and m >= n captions.
+    """Recall@k in percent, both directions, for some images and at least as many captions.
 
     text_to_image[j] is the index of the image that caption j describes, so an image may have
     several captions. Image->text: a hit if ANY of the image's captions is among its k most similar
@@ -998,15 +1000,15 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict:
     index ranks first), so an untrained model with equal scores gives a reproducible answer.
     """
     text_to_image = torch.as_tensor(text_to_image, device=image_emb.device)
-    sim = image_emb.float() @ text_emb.float().T                       # (n, m)
-    n, m = sim.shape
-    owns = text_to_image[None, :] == torch.arange(n, device=sim.device)[:, None]  # (n, m) caption j is image i's
+    sim = image_emb.float() @ text_emb.float().T                       # (images, captions)
+    image_ids = torch.arange(sim.shape[0], device=sim.device)
+    owns = text_to_image[None, :] == image_ids[:, None]               # (images, captions): j is i's
     out = {}
     for k in ks:
-        top_t = _ranked(sim, k)                                        # (n, k) best captions per image
+        top_t = _ranked(sim, k)                                        # (images, k) best captions per image
         out[f"i2t_R@{k}"] = 100.0 * owns.gather(1, top_t).any(dim=1).float().mean().item()
     for k in ks:
-        top_i = _ranked(sim.T, k)                                      # (m, k) best images per caption
+        top_i = _ranked(sim.T, k)                                      # (captions, k) best images per caption
         out[f"t2i_R@{k}"] = 100.0 * (top_i == text_to_image[:, None]).any(dim=1).float().mean().item()
     return out
 
@@ -1014,21 +1016,21 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict:
 def accuracy(logits, targets, topk=(1, 5)) -> dict:
     """Top-k accuracy in percent: {k: percent}; k larger than the number of classes counts all.
     Ties are broken by the lower class index."""
-    top = _ranked(logits, max(topk))                                    # (N, kmax)
-    hit = top == targets[:, None]                                      # (N, kmax)
+    top = _ranked(logits, max(topk))                                    # (B, kmax)
+    hit = top == targets[:, None]                                      # (B, kmax)
     return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in topk}
 
 
 @torch.no_grad()
 def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
-    """(C, D) class embeddings: for each class, the mean of the normalised text embeddings of the
+    """(C, d) class embeddings: for each class, the mean of the normalised text embeddings of the
     class name put into every template, re-normalised (CLIP's prompt ensembling)."""
     ctx = model.config.context_length
     rows = []
     for name in classnames:
         tokens = tokenize(tokenizer, [t.format(name) for t in templates], ctx).to(device)  # (n_templates, T')
         rows.append(F.normalize(model.encode_text(tokens).float().mean(dim=0), dim=-1))
-    return torch.stack(rows)                                            # (C, D)
+    return torch.stack(rows)                                            # (C, d)
 
 
 # =============================================================================
@@ -1039,7 +1041,7 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -
 
 # -----------------------------------------------------------------------------
 # Checkpoints: the project's own files, the authors' SharedCLIP/AlignCLIP files, and OpenCLIP/OpenAI
-# CLIP state dicts (layouts: shared/checkpoints.md). A foreign layout is read by renaming its keys
+# CLIP state dicts (OpenCLIP's key names). A foreign layout is read by renaming its keys
 # to ours and inferring the config from tensor shapes; our own files store asdict(config).
 # -----------------------------------------------------------------------------
 
@@ -1320,7 +1322,7 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
 # Collate drops it and counts it in batch["skipped"].
 #
 # The images travel as uint8. DataLoader workers decode the bytes (torchvision), crop and resize to
-# uint8 (3, S, S); the batch goes to the device as uint8 (4x less to copy than float32) and
+# uint8 (3, size, size); the batch goes to the device as uint8 (4x less to copy than float32) and
 # normalize_images converts it there. Shards are shuffled as raw bytes, decoded after the shuffle.
 #
 # Exact resume. Every random choice of the input pipeline is a pure function of its coordinates:
@@ -1376,12 +1378,12 @@ def random_resized_crop_params(height, width, scale, ratio, generator=None):
 
 
 class ImageTransform:
-    """Image -> uint8 (3, S, S) tensor. Call as transform(img, generator); img is a uint8 (C, H, W)
-    tensor (read_image) or a PIL image (converted first).
+    """Image -> uint8 (3, size, size) tensor. Call as transform(img, generator); img is a uint8
+    (3, height, width) tensor (read_image) or a PIL image (converted first).
 
     train=True: random resized crop (area scale 0.9-1.0, aspect 3/4-4/3), drawn from `generator`
     (the global RNG if None, which is then not reproducible across workers).
-    train=False: resize the shorter side to S, centre crop S x S (CLIP's evaluation transform);
+    train=False: resize the shorter side to size, centre crop size x size (CLIP's evaluation transform);
     generator unused. Both resize bicubic with antialiasing, as CLIP (torchvision's tensor kernel).
     The output stays uint8, 4x smaller than float32 between processes: normalize_images converts it
     on the device. A plain class, so it pickles into DataLoader workers.
@@ -1392,13 +1394,13 @@ class ImageTransform:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
 
     def __call__(self, img, generator=None):
-        img = img if isinstance(img, torch.Tensor) else pil_to_uint8(img)   # (3, H, W) uint8
+        img = img if isinstance(img, torch.Tensor) else pil_to_uint8(img)   # (3, height, width) uint8
         size, bicubic = self.image_size, InterpolationMode.BICUBIC
         if self.train:
             i, j, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], self.scale, self.ratio,
                                                     generator)
-            return TF.resized_crop(img, i, j, h, w, [size, size], bicubic, antialias=True)  # (3, S, S)
-        return TF.center_crop(TF.resize(img, [size], bicubic, antialias=True), [size, size])  # (3, S, S)
+            return TF.resized_crop(img, i, j, h, w, [size, size], bicubic, antialias=True)  # (3, size, size)
+        return TF.center_crop(TF.resize(img, [size], bicubic, antialias=True), [size, size])  # (3, size, size)
 
     def __repr__(self):
         return f"ImageTransform(image_size={self.image_size}, train={self.train})"
@@ -1410,18 +1412,18 @@ def image_transform(image_size, train):
 
 
 def normalize_images(images, dtype=torch.float32):
-    """uint8 (B, 3, S, S) images, already on the device -> CLIP's normalised input: (x / 255 - mean) / std,
+    """uint8 (B, 3, size, size) images, already on the device -> CLIP's normalised input: (x / 255 - mean) / std,
     the division by 255 folded into the mean and std. Floating-point input is taken as already
     normalised and returned unchanged."""
     if images.is_floating_point():
         return images
     mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=images.device).view(3, 1, 1) * 255
     std = torch.tensor(CLIP_STD, dtype=dtype, device=images.device).view(3, 1, 1) * 255
-    return (images.to(dtype) - mean) / std                                         # (B, 3, S, S)
+    return (images.to(dtype) - mean) / std                                         # (B, 3, size, size)
 
 
 def read_image(source):
-    """uint8 (3, H, W) RGB tensor from a path or bytes; None if it cannot be read.
+    """uint8 (3, height, width) RGB tensor from a path or bytes; None if it cannot be read.
 
     torchvision decodes (JPEG, PNG, WebP, GIF, ...; grey, palette and CMYK become RGB, alpha is
     dropped); what it cannot decode (BMP, TIFF, ...) goes through PIL. 16-bit images keep their
@@ -1449,7 +1451,7 @@ def _torchvision_decode(data):
 
 
 def pil_to_uint8(img):
-    """PIL image -> uint8 (3, H, W) RGB tensor; 16-bit grey (mode I;16, I) scaled to 8 bits."""
+    """PIL image -> uint8 (3, height, width) RGB tensor; 16-bit grey (mode I;16, I) scaled to 8 bits."""
     if img.mode.startswith("I"):
         grey = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8   # PIL's convert("RGB") would clip at 255
         img = Image.fromarray(grey.astype(np.uint8))
@@ -1719,7 +1721,7 @@ class CsvPairs(Dataset):
     """Rows of a CSV (or TSV) file: image path in column image_key, caption in caption_key.
 
     sep=None: tab for .tsv, comma otherwise. Relative paths resolve against root (default: the
-    CSV's folder). Item i is (uint8 (3, H, W) RGB tensor, caption) or None if the image cannot be
+    CSV's folder). Item i is (uint8 (3, height, width) RGB tensor, caption) or None if the image cannot be
     read or the caption is empty. A missing file or column, or text that is not UTF-8, fails here,
     before any training starts; options= names how the caller's user sets image_key, caption_key and
     sep (train.py: its --csv-* flags) for the error messages.
@@ -1895,7 +1897,7 @@ def _shuffled(items, buffer_size, rng):
 
 class TarShards(IterableDataset):
     """WebDataset-style shards ({key}.jpg|png|webp + {key}.txt [+ {key}.json]) as a stream of
-    {"image": uint8 (3, S, S) tensor, "caption": str}, or None for a bad sample (undecodable image,
+    {"image": uint8 (3, size, size) tensor, "caption": str}, or None for a bad sample (undecodable image,
     empty caption, image or text missing, a damaged end of a shard).
 
     Shards are shuffled per epoch by (seed, epoch), then dealt round-robin to the rank x worker
@@ -1980,7 +1982,7 @@ class TarShards(IterableDataset):
 
 
 class PairDataset(Dataset):
-    """Map-style {"image": uint8 (3, S, S), "caption"} items over a source whose item i is (image, caption)
+    """Map-style {"image": uint8 (3, size, size), "caption"} items over a source whose item i is (image, caption)
     or None; the image a uint8 tensor (CsvPairs) or a PIL image (SyntheticScenes).
 
     Keys are (epoch, index) tuples, as ResumableSampler yields them (a plain int means epoch 0, for
@@ -2044,7 +2046,7 @@ class ResumableSampler(Sampler):
 
 class Collate:
     """List of items ({"image", "caption"} or None) -> batch dict:
-    image (B, 3, S, S) uint8 (normalize_images makes the model's input, on the device), tokens (B, T')
+    image (B, 3, size, size) uint8 (normalize_images makes the model's input, on the device), tokens (B, T')
     long (with the project's Tokenizer, trimmed to the batch's longest caption: see
     trim_text_padding), semantic (B, d_s) float32 (None without a cache), caption list[str], skipped
     int (the None items dropped). If every item is None the batch has 0 items (caption == [], image
@@ -2059,7 +2061,7 @@ class Collate:
         kept = [x for x in items if x is not None]
         captions = [x["caption"] for x in kept]
         if kept:
-            image = torch.stack([x["image"] for x in kept])                        # (B, 3, S, S)
+            image = torch.stack([x["image"] for x in kept])                        # (B, 3, size, size)
             tokens = tokenize(self.tokenizer, captions, self.context_length)       # (B, T')
         else:
             image = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
@@ -2071,7 +2073,7 @@ class Collate:
 
 # -----------------------------------------------------------------------------
 # Semantic cache: sentence-encoder (SBERT) embeddings of every training caption, computed once and
-# memory-mapped, so that the IMSep loss's D = 1 - S costs a table lookup per step (the authors'
+# memory-mapped, so that the IMSep loss's 1 - S costs a table lookup per step (the authors'
 # code runs SBERT inside every training step).
 # -----------------------------------------------------------------------------
 
@@ -2133,7 +2135,7 @@ class SemanticCache:
     """caption -> sentence embedding (float16 on disk, float32 out), memory-mapped.
 
     Files in cache_dir, named by a hash of (model identifier, set of captions):
-        semantic-<hash>.npy          (N, d_s) float16, row k = embedding of the caption whose hash is hashes[k]
+        semantic-<hash>.npy          (captions, d_s) float16, row k = embedding of the caption whose hash is hashes[k]
         semantic-<hash>.hashes.npy   (N,) int64 caption hashes (caption_hashes), sorted
     A lookup hashes the batch's captions and finds their rows with np.searchsorted: no caption -> row
     dict, so a DataLoader worker holds two memory maps whatever the number of captions (10 million
@@ -2144,8 +2146,8 @@ class SemanticCache:
 
     def __init__(self, path):
         self.path = str(path)
-        self.embeddings = np.load(self.path, mmap_mode="r")                                # (N, d_s) float16
-        self.hashes = np.load(self.path[:-len(".npy")] + ".hashes.npy", mmap_mode="r")    # (N,) int64
+        self.embeddings = np.load(self.path, mmap_mode="r")                                # (captions, d_s) float16
+        self.hashes = np.load(self.path[:-len(".npy")] + ".hashes.npy", mmap_mode="r")    # (captions,) int64
 
     @property
     def dim(self):
@@ -2531,7 +2533,7 @@ def _search_max_batch(args, device, rows):
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.Tensor:
-    """(N, D) float32 text embeddings of a list of strings, in batches."""
+    """(B, d) float32 text embeddings of a list of B strings, in batches."""
     ctx = model.config.context_length
     out = [model.encode_text(tokenize(tokenizer, texts[i:i + batch_size], ctx).to(device)).float()
            for i in range(0, len(texts), batch_size)]
@@ -2540,7 +2542,8 @@ def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.
 
 @torch.no_grad()
 def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
-    """(N, D) float32 image embeddings from an iterable of (B, 3, H, W) tensors (e.g. a DataLoader).
+    """(images, d) float32 image embeddings from an iterable of (B, 3, image_size, image_size) tensors
+    (e.g. a DataLoader).
     bf16 autocast on CUDA; `progress` wraps the iterable (e.g. tqdm) if given."""
     use_amp = torch.device(device).type == "cuda"
     out = []
@@ -2585,11 +2588,11 @@ def evaluate_pairs(model, tokenizer, dataset, device="cpu", batch_size=256, work
     loader = DataLoader(_EvalImages(dataset, indices, image_transform(model.config.image_size, train=False)),
                         batch_size=batch_size, num_workers=workers)
     batches = (normalize_images(x.to(device, non_blocking=True)) for x in loader)  # uint8 -> float on the device
-    image_emb = embed_images(model, batches, device=device)                       # (n, D)
+    image_emb = embed_images(model, batches, device=device)                       # (images, d)
     captions = [_captions_of(dataset, i) for i in indices]
     texts = [c for caps in captions for c in caps]
     owner = [k for k, caps in enumerate(captions) for _ in caps]
-    text_emb = embed_texts(model, tokenizer, texts, batch_size=batch_size, device=device)  # (m, D)
+    text_emb = embed_texts(model, tokenizer, texts, batch_size=batch_size, device=device)  # (captions, d)
     counts = torch.tensor([len(caps) for caps in captions])
     first = counts.cumsum(0) - counts                                             # (n,) each image's first caption
     score = alignment_score(image_emb, text_emb[first]).item()
