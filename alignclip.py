@@ -590,11 +590,11 @@ def tokenize(tokenizer, texts, context_length):
 # Reading order: clip_loss (Eq. 1-4) -> alignclip_loss_reference (Eq. 6-13, line by line) -> the
 # fused kernel: its identities, contrastive_ce_strips (the same loss over strips of rows, plain
 # autograd), ContrastiveCE (the same numbers with fewer products) -> alignclip_loss (the
-# reference's semantics on the kernel; train.py uses it).
-# Symbols (the module's legend, repeated for a copy of this section alone): E_v, E_t (b, d) image
-# and text embeddings, E_s (b, d_s) sentence embeddings of the
-# captions, s = exp(tau) the logit scale (the argument `scale`; the model's parameter is tau),
-# Y = (0, ..., b-1) the labels, H(logits, Y) the mean cross-entropy over rows.
+# reference's semantics on the kernel; train.py uses it) -> the kernel's internals, if you wish.
+# Symbols (the module docstring's legend, repeated for a copy of this section): E_v, E_t (b, d)
+# image and text embeddings, E_s (b, d_s) sentence embeddings of the captions, s = exp(tau) the
+# logit scale (the argument `scale`; the model's parameter is tau), Y = (0, ..., b-1) the labels,
+# H(logits, Y) the mean cross-entropy over rows.
 # Precision: every loss computes in float32 (float64 for float64 inputs) with autocast off inside,
 # whatever the caller's torch.autocast says, and gives gradients in each input's dtype and shape.
 # Call backward outside autocast, as PyTorch advises (the fused kernel's backward is exact either
@@ -657,8 +657,8 @@ def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0
         L = alpha [ H(s M, Y) + H(s M^T, Y) ] + beta L_IMSep                   (Eq. 12-13)
 
     Note the cross-modal part is the SUM of the two cross-entropies (no 1/2, unlike clip_loss), as
-    in the paper and the authors' code. Row i's positive is M_ii plus V_ii (1 - S_ii),
-    which is 0 up to rounding when E_s's row i is not zero (and V_ii = 1 when it is: S_ii = 0);
+    in the paper and the authors' code. Row i's positive is M_ii + V_ii (1 - S_ii), whose second
+    term is 0 up to rounding when E_s's row i is not zero (and V_ii = 1 when it is: S_ii = 0);
     its negatives are the other images, each rescaled by how different its caption is (identical
     captions: weight 0, no push apart). separate="both" uses L_IMSep(image) + L_IMSep(text).
 
@@ -766,112 +766,7 @@ def contrastive_ce_strips(Q, K, scale, diag=None, sem=None, zero_diag=False, bot
 
 # The hand-written kernel: contrastive_ce_strips' numbers with fewer products and the gradients
 # computed in forward. Strips reuse three (block_size, b) buffers through in-place operations.
-
-
-def _weight_tile(sem, r0, r1, out):
-    """Rows r0:r1 of U = 1 - Ê_s Ê_s^T, (r1 - r0, b), written into `out`."""
-    U = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  rows of S
-    return U.neg_().add_(1)                                              # (n, b)  1 - S
-
-
-def _logit_tile(op, r0, r1, z_out, u_out):
-    """_strip_logits in the buffers z_out, u_out: rows r0:r1 of Z and of U (None when U has none).
-    In a strip of rows r0:r1 the global diagonal (i, i) is the strip's diagonal with offset r0."""
-    Z = torch.mm(op.Q[r0:r1] * op.s, op.K.T, out=z_out[: r1 - r0])       # (n, b)  s X
-    U = None
-    if op.sem is not None:
-        U = _weight_tile(op.sem, r0, r1, u_out)                          # (n, b)
-        Z.mul_(U)
-    if op.zero_diag:
-        Z.diagonal(r0).zero_()
-    if op.diag is not None:
-        Z.diagonal(r0).add_(op.diag[r0:r1] * op.s)                       # + s o_i
-    return Z, U
-
-
-def _row_logsumexp(op, block, z_buf, u_buf):
-    """logsumexp over each full row of Z, (b,), one strip at a time (exact row maxima)."""
-    b = op.Q.shape[0]
-    lse = op.Q.new_empty(b)
-    for r0 in range(0, b, block):
-        Z, _ = _logit_tile(op, r0, min(r0 + block, b), z_buf, u_buf)
-        m = Z.amax(1, keepdim=True)                                      # (n, 1)
-        lse[r0:r0 + len(Z)] = (m + Z.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(1)
-    return lse
-
-
-@dataclass
-class _Grads:
-    """The identities' sums over strips, scaled once at the end: dQ, dK, d_o (∂Q, ∂K, ∂o) by s/b,
-    GR (b ∂s) by 1/b. dK is the same tensor as dQ when K is Q."""
-    dQ: torch.Tensor            # (b, d)  (G ⊙ U) K  [+ (G ⊙ U)^T Q when K is Q]
-    dK: torch.Tensor            # (b, d)  (G ⊙ U)^T Q
-    d_o: object                 # (b,)    diag(G), or None without o
-    GR: torch.Tensor            # ()      sum(G ⊙ R)
-
-    @staticmethod
-    def zeros(op):
-        dQ = torch.zeros_like(op.Q)
-        return _Grads(dQ, dQ if op.K is op.Q else torch.zeros_like(op.K),
-                      None if op.diag is None else torch.zeros_like(op.diag), op.Q.new_zeros(()))
-
-
-def _strip_grads(op, G, U, r0, r1, acc):
-    """Add strip r0:r1's share of each sum into acc. sum(G ⊙ R) = sum_i G_ii o_i + sum(G ⊙ U ⊙ X),
-    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product ∂Q needs anyway."""
-    if op.diag is not None:
-        acc.d_o[r0:r1] = G.diagonal(r0)                                  # (n,)
-        acc.GR += torch.dot(acc.d_o[r0:r1], op.diag[r0:r1])
-    GU = G.mul_(U) if U is not None else G                               # (n, b)  G ⊙ U
-    if op.zero_diag:
-        GU.diagonal(r0).zero_()
-    Qs = op.Q[r0:r1]                                                     # (n, d)
-    if op.K is op.Q and r1 - r0 == op.Q.shape[0]:
-        # one strip and K = Q: ∂Q's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
-        # as Q Q^T is symmetric, sum(G ⊙ U ⊙ Q Q^T) is half of Q . that sum
-        GUQ = (GU + GU.T) @ Qs                                           # (b, d)
-        acc.dQ += GUQ
-        acc.GR += 0.5 * torch.vdot(Qs.reshape(-1), GUQ.reshape(-1))
-        return
-    GUK = GU @ op.K                                                      # (n, d)
-    acc.dQ[r0:r1] += GUK
-    acc.dK.addmm_(GU.T, Qs)                                              # (b, d); dK is dQ if K is Q
-    acc.GR += torch.vdot(Qs.reshape(-1), GUK.reshape(-1))
-
-
-def _sweep(op, both_directions, block, need_grad):
-    """The work of ContrastiveCE: the loss and, if need_grad, the unscaled _Grads of the loss."""
-    b = op.Q.shape[0]
-    block = max(1, min(int(block), b))
-    # the only (block, b) buffers: the logits Z, the weights U, and the probabilities P (P can
-    # overwrite Z unless the column softmax still needs Z)
-    z_buf = op.Q.new_empty(block, b)
-    u_buf = op.Q.new_empty(block, b) if op.sem is not None else None
-    p_buf = op.Q.new_empty(block, b) if both_directions else z_buf
-    col_lse = None                                                       # logsumexp of Z's columns
-    if both_directions and block < b:
-        col_lse = _row_logsumexp(op.transposed(), block, z_buf, u_buf)
-    acc = _Grads.zeros(op) if need_grad else None
-    loss = op.Q.new_zeros(())
-    for r0 in range(0, b, block):
-        r1 = min(r0 + block, b)
-        Z, U = _logit_tile(op, r0, r1, z_buf, u_buf)
-        pos = Z.diagonal(r0).clone()                                     # (n,) the positives Z_ii
-        if both_directions and col_lse is None:                          # one strip: Z is all of Z
-            col_lse = torch.logsumexp(Z, 0)                              # (b,)
-        m = Z.amax(1, keepdim=True)                                      # (n, 1) exact row maxima
-        P = torch.sub(Z, m, out=p_buf[: r1 - r0]).exp_()                 # (n, b) unnormalised
-        norm = P.sum(1, keepdim=True)                                    # (n, 1)
-        loss += (m.squeeze(1) + norm.squeeze(1).log() - pos).sum()      # sum_i lse_i - Z_ii
-        if both_directions:
-            loss += (col_lse[r0:r1] - pos).sum()                         # H(Z^T, Y)'s rows r0:r1
-        if need_grad:
-            G = P.div_(norm)                                             # (n, b) row softmax
-            if both_directions:
-                G.add_(Z.sub_(col_lse).exp_())                           # + column softmax; Z is spent
-            G.diagonal(r0).sub_(2.0 if both_directions else 1.0)         # - I, once per direction
-            _strip_grads(op, G, U, r0, r1, acc)
-    return loss / b, acc
+# Its internals (_sweep and the tiles it computes) follow alignclip_loss.
 
 
 class ContrastiveCE(torch.autograd.Function):
@@ -960,6 +855,115 @@ def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5
                   for E in sides)
         total = alpha * cross + beta * sep
     return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
+
+
+# --- the kernel's internals: _sweep walks the strips; _strip_grads adds each strip's share -----
+
+
+def _sweep(op, both_directions, block, need_grad):
+    """The work of ContrastiveCE: the loss and, if need_grad, the unscaled _Grads of the loss."""
+    b = op.Q.shape[0]
+    block = max(1, min(int(block), b))
+    # the only (block, b) buffers: the logits Z, the weights U, and the probabilities P (P can
+    # overwrite Z unless the column softmax still needs Z)
+    z_buf = op.Q.new_empty(block, b)
+    u_buf = op.Q.new_empty(block, b) if op.sem is not None else None
+    p_buf = op.Q.new_empty(block, b) if both_directions else z_buf
+    col_lse = None                                                       # logsumexp of Z's columns
+    if both_directions and block < b:
+        col_lse = _row_logsumexp(op.transposed(), block, z_buf, u_buf)
+    acc = _Grads.zeros(op) if need_grad else None
+    loss = op.Q.new_zeros(())
+    for r0 in range(0, b, block):
+        r1 = min(r0 + block, b)
+        Z, U = _logit_tile(op, r0, r1, z_buf, u_buf)
+        pos = Z.diagonal(r0).clone()                                     # (n,) the positives Z_ii
+        if both_directions and col_lse is None:                          # one strip: Z is all of Z
+            col_lse = torch.logsumexp(Z, 0)                              # (b,)
+        m = Z.amax(1, keepdim=True)                                      # (n, 1) exact row maxima
+        P = torch.sub(Z, m, out=p_buf[: r1 - r0]).exp_()                 # (n, b) unnormalised
+        norm = P.sum(1, keepdim=True)                                    # (n, 1)
+        loss += (m.squeeze(1) + norm.squeeze(1).log() - pos).sum()      # sum_i lse_i - Z_ii
+        if both_directions:
+            loss += (col_lse[r0:r1] - pos).sum()                         # H(Z^T, Y)'s rows r0:r1
+        if need_grad:
+            G = P.div_(norm)                                             # (n, b) row softmax
+            if both_directions:
+                G.add_(Z.sub_(col_lse).exp_())                           # + column softmax; Z is spent
+            G.diagonal(r0).sub_(2.0 if both_directions else 1.0)         # - I, once per direction
+            _strip_grads(op, G, U, r0, r1, acc)
+    return loss / b, acc
+
+
+def _logit_tile(op, r0, r1, z_out, u_out):
+    """_strip_logits in the buffers z_out, u_out: rows r0:r1 of Z and of U (None when U has none).
+    In a strip of rows r0:r1 the global diagonal (i, i) is the strip's diagonal with offset r0."""
+    Z = torch.mm(op.Q[r0:r1] * op.s, op.K.T, out=z_out[: r1 - r0])       # (n, b)  s X
+    U = None
+    if op.sem is not None:
+        U = _weight_tile(op.sem, r0, r1, u_out)                          # (n, b)
+        Z.mul_(U)
+    if op.zero_diag:
+        Z.diagonal(r0).zero_()
+    if op.diag is not None:
+        Z.diagonal(r0).add_(op.diag[r0:r1] * op.s)                       # + s o_i
+    return Z, U
+
+
+def _weight_tile(sem, r0, r1, out):
+    """Rows r0:r1 of U = 1 - Ê_s Ê_s^T, (r1 - r0, b), written into `out`."""
+    U = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  rows of S
+    return U.neg_().add_(1)                                              # (n, b)  1 - S
+
+
+def _row_logsumexp(op, block, z_buf, u_buf):
+    """logsumexp over each full row of Z, (b,), one strip at a time (exact row maxima)."""
+    b = op.Q.shape[0]
+    lse = op.Q.new_empty(b)
+    for r0 in range(0, b, block):
+        Z, _ = _logit_tile(op, r0, min(r0 + block, b), z_buf, u_buf)
+        m = Z.amax(1, keepdim=True)                                      # (n, 1)
+        lse[r0:r0 + len(Z)] = (m + Z.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(1)
+    return lse
+
+
+@dataclass
+class _Grads:
+    """The identities' sums over strips, scaled once at the end: dQ, dK, d_o (∂Q, ∂K, ∂o) by s/b,
+    GR (b ∂s) by 1/b. dK is the same tensor as dQ when K is Q."""
+    dQ: torch.Tensor            # (b, d)  (G ⊙ U) K  [+ (G ⊙ U)^T Q when K is Q]
+    dK: torch.Tensor            # (b, d)  (G ⊙ U)^T Q
+    d_o: object                 # (b,)    diag(G), or None without o
+    GR: torch.Tensor            # ()      sum(G ⊙ R)
+
+    @staticmethod
+    def zeros(op):
+        dQ = torch.zeros_like(op.Q)
+        return _Grads(dQ, dQ if op.K is op.Q else torch.zeros_like(op.K),
+                      None if op.diag is None else torch.zeros_like(op.diag), op.Q.new_zeros(()))
+
+
+def _strip_grads(op, G, U, r0, r1, acc):
+    """Add strip r0:r1's share of each sum into acc. sum(G ⊙ R) = sum_i G_ii o_i + sum(G ⊙ U ⊙ X),
+    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product ∂Q needs anyway."""
+    if op.diag is not None:
+        acc.d_o[r0:r1] = G.diagonal(r0)                                  # (n,)
+        acc.GR += torch.dot(acc.d_o[r0:r1], op.diag[r0:r1])
+    GU = G.mul_(U) if U is not None else G                               # (n, b)  G ⊙ U
+    if op.zero_diag:
+        GU.diagonal(r0).zero_()
+    Qs = op.Q[r0:r1]                                                     # (n, d)
+    if op.K is op.Q and r1 - r0 == op.Q.shape[0]:
+        # one strip and K = Q: ∂Q's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
+        # as Q Q^T is symmetric, sum(G ⊙ U ⊙ Q Q^T) is half of Q . that sum
+        GUQ = (GU + GU.T) @ Qs                                           # (b, d)
+        acc.dQ += GUQ
+        acc.GR += 0.5 * torch.vdot(Qs.reshape(-1), GUQ.reshape(-1))
+        return
+    GUK = GU @ op.K                                                      # (n, d)
+    acc.dQ[r0:r1] += GUK
+    acc.dK.addmm_(GU.T, Qs)                                              # (b, d); dK is dQ if K is Q
+    acc.GR += torch.vdot(Qs.reshape(-1), GUK.reshape(-1))
 
 
 # -----------------------------------------------------------------------------
