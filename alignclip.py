@@ -6,7 +6,8 @@ AlignCLIP narrows it with two changes, both here: one transformer shared by both
 (SharedCLIP), and an intra-modality separation loss (IMSep) that pushes image embeddings apart,
 rescaled by how different their captions are according to a sentence encoder (SBERT).
 
-The method, in reading order (each section uses only what comes before it):
+The method, in reading order (each section uses only those before it; Tokenizer.train's learner
+of merges, learn_merges, is tooling and comes after the method):
     Tokenizer   CLIP's byte-level BPE, from scratch: CLIP's merges or your own
     Model       ModelConfig, the transformer, CLIP (two towers) and SharedCLIP (one)
     Losses      CLIP (Eq. 1-4) and AlignCLIP (Eq. 6-13): the reference, the same loss over
