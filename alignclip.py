@@ -20,7 +20,7 @@ BPE merges), the loss benchmark, evaluate_pairs.
 Legend. Each letter has one meaning in the whole file (^T is the transpose):
     B  images or texts in a batch         b  pairs in the loss's batch (its logits are b x b)
     N  image patches (1 + N tokens)       n  rows in one strip of the loss's logits
-    T  text tokens (T' once trimmed)      p  patch side in pixels;  h  attention heads
+    T  text tokens (T' once trimmed)      p  patch side in pixels
     W  transformer width                  d  embedding width;  d_s  sentence-encoder width
     C  classes                            L  a loss;  H(logits, Y)  mean cross-entropy over rows
     E_v, E_t (b, d) image and text embeddings;  E_s (b, d_s) the captions' sentence embeddings,
@@ -293,7 +293,7 @@ class ModelConfig:
     patch_size: int = 16            # p: side of a square patch; N = (image_size / p)^2 patches
     width: int = 768                # W: width of the shared transformer (or of the image tower if not shared)
     layers: int = 12                # number of residual attention blocks
-    heads: int = 12                 # h: attention heads, each W / h wide
+    heads: int = 12                 # attention heads, each W / heads wide
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio * W
     embed_dim: int = 768            # d: width of the final, L2-normalised embedding
     shared: bool = True             # True: SharedCLIP/AlignCLIP, one transformer; False: CLIP's two towers
@@ -360,8 +360,9 @@ class Attention(nn.Module):
     def forward(self, x, causal: bool):
         B, N, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, N, 3W)
-        qkv = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, W/h)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, h, N, W/h)
+        qkv = qkv.view(B, N, 3, self.heads, W // self.heads)                  # (B, N, 3, heads, W/heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)                                      # (3, B, heads, N, W/heads)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, heads, N, W/heads)
         x = x.transpose(1, 2).reshape(B, N, W)                                # (B, N, W)
         return self.out_proj(x)
 
@@ -1358,8 +1359,8 @@ def seeded_generator(*parts) -> torch.Generator:
 
 
 def random_resized_crop_params(height, width, scale, ratio, generator=None):
-    """(top, left, h, w) of a random crop: torchvision's RandomResizedCrop.get_params, step for step,
-    but drawing from `generator` instead of the global RNG (same numbers for the same seed)."""
+    """(top, left, height, width) of a random crop: torchvision's RandomResizedCrop.get_params, step
+    for step, but drawing from `generator` instead of the global RNG (same numbers for the same seed)."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
