@@ -6,18 +6,28 @@ AlignCLIP narrows it with two changes, both here: one transformer shared by both
 (SharedCLIP), and an intra-modality separation loss (IMSep) that pushes image embeddings apart,
 rescaled by how different their captions are according to a sentence encoder (SBERT).
 
-Sections, top to bottom (each uses only what comes before it):
-    Tokenizer   CLIP's byte-level BPE, from scratch: load CLIP's merges or learn your own
+The method, in reading order (each section uses only those before it; Tokenizer.train's learner
+of merges, learn_merges, is tooling and comes after the method):
+    Tokenizer   CLIP's byte-level BPE, from scratch: CLIP's merges or your own
     Model       ModelConfig, the transformer, CLIP (two towers) and SharedCLIP (one)
-    Checkpoints load_model for our runs, the authors' released weights and OpenCLIP/OpenAI CLIP
-    Losses      CLIP (Eq. 1-4), IMSep and AlignCLIP (Eq. 6-13): the plain reference and a fused,
-                memory-efficient custom-autograd kernel; alignment score (Eq. 5), modality gap.
-                Self-contained: copy that section alone into another codebase.
-    Metrics     retrieval recall, top-k accuracy, zero-shot classifiers
-    Data        built-in synthetic scenes, CSV and WebDataset shards, SBERT embedding cache
+    Losses      CLIP (Eq. 1-4) and AlignCLIP (Eq. 6-13): the reference, the same loss over
+                checkpointed strips of rows, the fused kernel. Torch only: copy it alone.
+    Metrics     alignment score (Eq. 5), modality gap, retrieval recall, accuracy, zero-shot
+Then a banner, "the method ends here", and the tooling: checkpoint loading (ours, the authors',
+OpenCLIP/OpenAI CLIP), data (synthetic scenes, CSV, WebDataset shards, the SBERT cache, learning
+BPE merges), the loss benchmark, evaluate_pairs.
 
-Letters used in shape comments: B batch, N image tokens, T text tokens, W transformer width,
-D embedding width, d_s sentence-encoder width, C classes, b the loss's batch.
+Legend. Each letter has one meaning in the whole file (^T is the transpose):
+    B  images or texts in a batch         b  pairs in the loss's batch (its logits are b x b)
+    N  image patches (1 + N tokens)       n  rows in one strip of the loss's logits
+    T  text tokens (T' once trimmed)      p  patch side in pixels
+    W  transformer width                  d  embedding width;  d_s  sentence-encoder width
+    C  classes                            L  a loss;  H(logits, Y)  mean cross-entropy over rows
+    E_v, E_t (b, d) image and text embeddings;  E_s (b, d_s) the captions' sentence embeddings,
+    Ê_s with its rows normalised;  s = exp(tau) the logit scale, tau its log (the model's parameter,
+    checkpoint key `logit_scale`);  Y = (0, ..., b-1) the labels;  I the identity;
+    S = Ê_s Ê_s^T, M = E_v E_t^T, V = E_v E_v^T (b x b similarities);  the fused kernel's Q, K (b, d),
+    o (b,), X = Q K^T, U, R, Z = s R, P, G = P - I; ∂ marks a gradient (∂Q, ∂s).
 
 Deliberately left out: other vision backbones (ResNets, ConvNeXt), text-only or image-only pretraining,
 mixed-resolution training, anything not in the paper.
@@ -253,100 +263,25 @@ class Tokenizer:
 
     __call__ = tok
 
-    # ---- learning merges from captions ----
+    # ---- learning merges from captions (the algorithm: learn_merges, after the method) ----
 
     @classmethod
     def train(cls, texts, vocab_size, verbose=False):
         """Learn merges from texts until vocab_size (which counts the 512 byte symbols and the
-        2 special tokens), or fewer if no pair occurs twice. Ties go to the smallest pair
-        (a, b), compared as strings, so the result does not depend on the order of texts.
-
-        Fast because no step looks at the whole corpus again: words are counted once, the
-        count of every pair and the words holding it are kept, a merge updates only the
-        words that hold its pair, and a heap with lazy deletion gives the best pair.
-        """
-        n_wanted = vocab_size - 2 * 256 - len(SPECIAL_TOKENS)
-        if n_wanted < 0:
-            raise ValueError(f"vocab_size must be at least 514, got {vocab_size}")
-        t0 = time.time()
-        words, freqs = cls._count_words(texts)  # word i as a list of symbols, and its count
-        counts, where = defaultdict(int), defaultdict(set)  # pair -> count, pair -> word ids
-        for i, (w, f) in enumerate(zip(words, freqs)):
-            for pair in zip(w, w[1:]):
-                counts[pair] += f
-                where[pair].add(i)
-        heap = [(-c, pair) for pair, c in counts.items()]  # entries may be stale, see below
-        heapq.heapify(heap)
-        if verbose:
-            print(f"train: {len(words):,} distinct words, {sum(freqs):,} in all, "
-                  f"{len(counts):,} pairs ({time.time() - t0:.1f}s)")
-        merges, learned, every = [], set(), max(1, n_wanted // 20)
-        while len(merges) < n_wanted and heap:
-            neg_count, pair = heapq.heappop(heap)
-            # lazy deletion: an entry is current only if its count still is the pair's count.
-            # Subtle: a pair merged before can come back (a+bc and ab+c both make abc); it
-            # gets no second vocabulary entry, and encode would merge it at its first rank.
-            if -neg_count != counts.get(pair, 0) or pair in learned:
-                continue
-            if -neg_count < 2:
-                break
-            merges.append(pair)
-            learned.add(pair)
-            for p in cls._apply_merge(pair, words, freqs, counts, where):
-                if counts[p] > 0:
-                    heapq.heappush(heap, (-counts[p], p))
-            if verbose and len(merges) % every == 0:
-                print(f"train: merge {len(merges):,}/{n_wanted:,} {pair[0]!r} + {pair[1]!r} "
-                      f"(count {-neg_count:,}, {time.time() - t0:.1f}s)")
-        if verbose:
-            print(f"train: {len(merges):,} merges, vocab {vocab_size - n_wanted + len(merges):,}, "
-                  f"{time.time() - t0:.1f}s")
-        return cls(merges)
-
-    @staticmethod
-    def _count_words(texts):
-        """Pre-tokenise every text once: distinct words as symbol lists, and their counts."""
-        byte_encoder, counts = bytes_to_unicode(), Counter()
-        for text in texts:
-            counts.update(pretokenize(text))
-        words = []
-        for word in counts:
-            symbols = [byte_encoder[b] for b in word.encode("utf-8")]
-            symbols[-1] += "</w>"
-            words.append(symbols)
-        return words, list(counts.values())
-
-    @staticmethod
-    def _apply_merge(pair, words, freqs, counts, where):
-        """Merge pair in every word holding it; update pair counts; return the changed pairs."""
-        delta = defaultdict(int)
-        for i in where.pop(pair, ()):
-            old = words[i]
-            new = _merge(old, *pair)
-            if len(new) == len(old):
-                continue  # the index is never pruned, so a word may no longer hold the pair
-            f = freqs[i]
-            for p in zip(old, old[1:]):
-                delta[p] -= f
-            for p in zip(new, new[1:]):
-                delta[p] += f
-                where[p].add(i)
-            words[i] = new
-        changed = [p for p, d in delta.items() if d]
-        for p in changed:
-            counts[p] += delta[p]
-        return changed
+        2 special tokens), or fewer if no pair occurs twice: Tokenizer(learn_merges(...))."""
+        return cls(learn_merges(texts, vocab_size, verbose))
 
 
 # -----------------------------------------------------------------------------
 # Model: CLIP (two towers) and SharedCLIP / AlignCLIP (one transformer)
 #
 # Both modalities become a sequence of W-wide tokens, then a pre-LayerNorm transformer reads them:
-#   image: 16x16 patches -> linear (a strided conv) -> [class token, patches] + positions -> ln_pre
+#   image: p x p patches (ViT-B/16: p = 16; tiny: 8) -> linear (a strided conv) -> [class token,
+#          patches] + positions -> ln_pre
 #   text:  token ids -> embedding + positions           (no ln_pre; causal attention)
 # The embedding is ln_post(the token that summarises the input) @ projection, L2-normalised:
 #   image: the class token (position 0);  text: the end-of-text token, found by its id.
-# SharedCLIP (method.md section 1) uses ONE transformer, ONE ln_post and ONE projection for both;
+# SharedCLIP (the paper's first change) uses ONE transformer, ONE ln_post and ONE projection for both;
 # the CLIP baseline gives the text its own tower (text_transformer, ln_final, text_projection),
 # of its own width, exactly as OpenCLIP does. AlignCLIP is SharedCLIP trained with the IMSep loss.
 # -----------------------------------------------------------------------------
@@ -355,12 +290,12 @@ class Tokenizer:
 @dataclass
 class ModelConfig:
     image_size: int = 224           # input images are image_size x image_size pixels
-    patch_size: int = 16            # side of a square patch; the image is (image_size/patch_size)^2 tokens
+    patch_size: int = 16            # p: side of a square patch; N = (image_size / p)^2 patches
     width: int = 768                # W: width of the shared transformer (or of the image tower if not shared)
-    layers: int = 12                # L: number of residual attention blocks
-    heads: int = 12                 # attention heads (head width W / heads)
+    layers: int = 12                # number of residual attention blocks
+    heads: int = 12                 # attention heads, each W / heads wide
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio * W
-    embed_dim: int = 768            # D: width of the final, L2-normalised embedding
+    embed_dim: int = 768            # d: width of the final, L2-normalised embedding
     shared: bool = True             # True: SharedCLIP/AlignCLIP, one transformer; False: CLIP's two towers
     text_width: int = 512           # width of the text tower (shared=False only)
     text_layers: int = 12           # depth of the text tower (shared=False only)
@@ -371,7 +306,7 @@ class ModelConfig:
     activation: str = "gelu"        # "gelu" (OpenCLIP, AlignCLIP) or "quick_gelu" (OpenAI's weights)
     init_logit_scale: float = math.log(1 / 0.07)  # tau at initialisation; logit scale s = exp(tau)
     fixed_logit_scale: bool = False  # True: tau is a constant (requires_grad False), s never moves
-    max_logit_scale: float = 100.0  # s is clamped to at most this
+    max_logit_scale: float = 100.0  # s (not tau) is clamped to at most this
 
     @staticmethod
     def preset(name: str, **overrides) -> "ModelConfig":
@@ -425,8 +360,9 @@ class Attention(nn.Module):
     def forward(self, x, causal: bool):
         B, N, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, N, 3W)
-        qkv = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, W/h)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, h, N, W/h)
+        qkv = qkv.view(B, N, 3, self.heads, W // self.heads)                  # (B, N, 3, heads, W/heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)                                      # (3, B, heads, N, W/heads)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, heads, N, W/heads)
         x = x.transpose(1, 2).reshape(B, N, W)                                # (B, N, W)
         return self.out_proj(x)
 
@@ -485,7 +421,7 @@ class ImageStem(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
 
     def forward(self, images):
-        x = self.conv1(images)                                      # (B, W, H/p, W/p)
+        x = self.conv1(images)                                      # (B, W, √N, √N)
         x = x.flatten(2).transpose(1, 2)                            # (B, N, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, W)
@@ -493,7 +429,7 @@ class ImageStem(nn.Module):
 
 
 class TextStem(nn.Module):
-    """Token ids -> tokens: embedding plus learned positions. No LayerNorm here (method.md 1)."""
+    """Token ids -> tokens: embedding plus learned positions. No LayerNorm here (unlike ImageStem's ln_pre)."""
 
     def __init__(self, vocab_size: int, context_length: int, width: int):
         super().__init__()
@@ -506,6 +442,109 @@ class TextStem(nn.Module):
             raise ValueError(f"{T} tokens but the model's context length is "
                              f"{self.positional_embedding.shape[0]}")
         return self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
+
+
+class CLIP(nn.Module):
+    """CLIP (config.shared=False) or SharedCLIP/AlignCLIP (config.shared=True).
+
+    encode_image / encode_text return L2-normalised embeddings (B, d); forward returns
+    (image_emb, text_emb, s) with the logit scale s = min(exp(tau), max_logit_scale).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.visual = ImageStem(c.image_size, c.patch_size, c.width)
+        # the transformer, ln_post and projection: shared by both modalities, or the image tower's
+        self.transformer = Transformer(c.width, c.layers, c.heads, c.mlp_ratio, c.activation)
+        self.ln_post = nn.LayerNorm(c.width)
+        self.projection = nn.Parameter(torch.empty(c.width, c.embed_dim))
+        text_width = c.width if c.shared else c.text_width
+        self.text = TextStem(c.vocab_size, c.context_length, text_width)
+        if not c.shared:  # CLIP baseline: the text gets its own tower
+            self.text_transformer = Transformer(c.text_width, c.text_layers, c.text_heads,
+                                                c.mlp_ratio, c.activation)
+            self.ln_final = nn.LayerNorm(c.text_width)
+            self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+        self.max_tau = largest_tau(c.max_logit_scale)  # a Python float: clamping to it reads nothing back
+        tau = min(c.init_logit_scale, self.max_tau)
+        # holds tau = log s, not s: named logit_scale as in OpenAI's and OpenCLIP's checkpoints
+        self.logit_scale = nn.Parameter(torch.tensor(tau), requires_grad=not c.fixed_logit_scale)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """CLIP's initialisation (Radford et al., 2021, as in OpenAI's and OpenCLIP's code)."""
+        nn.init.normal_(self.text.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.text.positional_embedding, std=0.01)
+        scale = self.config.width ** -0.5
+        nn.init.normal_(self.visual.class_embedding, std=scale)
+        nn.init.normal_(self.visual.positional_embedding, std=scale)
+        for transformer, proj in self._towers():
+            W, layers = transformer.width, transformer.layers
+            proj_std, attn_std, fc_std = (W ** -0.5) * ((2 * layers) ** -0.5), W ** -0.5, (2 * W) ** -0.5
+            for block in transformer.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            nn.init.normal_(proj, std=W ** -0.5)
+
+    def _towers(self):
+        yield self.transformer, self.projection
+        if not self.config.shared:
+            yield self.text_transformer, self.text_projection
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        for transformer, _ in self._towers():
+            transformer.grad_checkpointing = enable
+
+    def encode_image(self, images):
+        """(B, 3, image_size, image_size) normalised pixels -> (B, d) unit-norm image embeddings E_v."""
+        x = self.transformer(self.visual(images), causal=False)    # (B, 1 + N, W)
+        x = self.ln_post(x[:, 0]) @ self.projection                # class token -> (B, d)
+        return F.normalize(x, dim=-1)
+
+    def encode_text(self, tokens):
+        """(B, T) token ids -> (B, d) unit-norm text embeddings E_t, read at the end-of-text token.
+
+        T may be any length up to context_length: causal attention means nothing after a row's end
+        token changes its embedding, so the caller may drop padding (trim_text_padding; Collate does)
+        and pays for T' tokens, not context_length. Every row must hold the end-of-text id; Tokenizer
+        guarantees it and trim_text_padding checks it on the host. Here a row without one gets a NaN
+        embedding instead of a silently wrong one: a check that raised would need a host-device sync
+        in every forward and would break torch.compile(fullgraph=True).
+        """
+        is_eot = tokens == self.config.eot_id                      # (B, T)
+        eot = is_eot.int().argmax(dim=1)                           # (B,) first end-of-text position
+        x = self.text(tokens)                                      # (B, T, W)
+        if self.config.shared:
+            transformer, ln, proj = self.transformer, self.ln_post, self.projection
+        else:
+            transformer, ln, proj = self.text_transformer, self.ln_final, self.text_projection
+        x = transformer(x, causal=True)                            # (B, T, W)
+        x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, d)
+        x = torch.where(is_eot.any(dim=1, keepdim=True), x, float("nan"))  # (B, d)
+        return F.normalize(x, dim=-1)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self):
+        """Keep tau where s <= max_logit_scale and the gradient still reaches it (see largest_tau)."""
+        self.logit_scale.clamp_(max=self.max_tau)
+
+    def forward(self, images, tokens):
+        scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)  # s = exp(tau), capped
+        return self.encode_image(images), self.encode_text(tokens), scale
+
+
+def largest_tau(max_scale):
+    """The largest float32 tau with exp(tau) <= max_scale. At tau = float32(log 100) exp gives
+    100.0000076, the cap in forward is active and no gradient reaches tau, so a learnable scale started
+    at the cap could never move; training keeps tau at or below this value instead (after every
+    optimizer step, as OpenCLIP clamps it), where the cap is inactive and tau can still come down."""
+    tau = torch.tensor(math.log(max_scale))
+    while tau.exp() > max_scale:
+        tau = torch.nextafter(tau, torch.tensor(-math.inf))
+    return tau.item()
 
 
 def trim_text_padding(tokens, eot_id):
@@ -532,111 +571,483 @@ def tokenize(tokenizer, texts, context_length):
     return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
 
 
-def largest_tau(max_scale):
-    """The largest float32 tau with exp(tau) <= max_scale. At tau = float32(log 100) exp gives
-    100.0000076, the cap in forward is active and no gradient reaches tau, so a learnable scale started
-    at the cap could never move; training keeps tau at or below this value instead (after every
-    optimizer step, as OpenCLIP clamps it), where the cap is inactive and tau can still come down."""
-    tau = torch.tensor(math.log(max_scale))
-    while tau.exp() > max_scale:
-        tau = torch.nextafter(tau, torch.tensor(-math.inf))
-    return tau.item()
+# -----------------------------------------------------------------------------
+# Losses: CLIP's (Eq. 1-4) and AlignCLIP's (Eq. 6-13)
+#
+# Self-contained: this section needs only torch and the standard library, so it can be copied
+# alone into another codebase, with these imports:
+#     from dataclasses import dataclass
+#     import torch
+#     import torch.nn.functional as F
+#     from torch.autograd.function import once_differentiable
+#     from torch.utils.checkpoint import checkpoint
+# In an existing CLIP training loop, where image_emb and text_emb are L2-normalised (b, d) and
+# scale = model.logit_scale.exp() (OpenCLIP's parameter logit_scale is tau = log s), replace the
+# CLIP loss with:
+#
+#     sem = sbert.encode(captions, convert_to_tensor=True)                # (b, d_s), any scale
+#     loss = alignclip_loss(image_emb, text_emb, sem, scale)              # was: clip_loss(...)
+#     loss.backward()
+#
+# Reading order: clip_loss (Eq. 1-4) -> alignclip_loss_reference (Eq. 6-13, line by line) -> the
+# fused kernel: its identities, contrastive_ce_strips (the same loss over strips of rows, plain
+# autograd), ContrastiveCE (the same numbers with fewer products) -> alignclip_loss (the
+# reference's semantics on the kernel; train.py uses it) -> the kernel's internals, if you wish.
+# Symbols (the module docstring's legend, repeated for a copy of this section): E_v, E_t (b, d)
+# image and text embeddings, E_s (b, d_s) sentence embeddings of the captions, s = exp(tau) the
+# logit scale (the argument `scale`; the model's parameter is tau), Y = (0, ..., b-1) the labels,
+# H(logits, Y) the mean cross-entropy over rows.
+# Precision: every loss computes in float32 (float64 for float64 inputs) with autocast off inside,
+# whatever the caller's torch.autocast says, and gives gradients in each input's dtype and shape.
+# Call backward outside autocast, as PyTorch advises (the fused kernel's backward is exact either
+# way; that of clip_loss and the reference would run its products in autocast's dtype).
+# -----------------------------------------------------------------------------
+
+SEPARATE = ("image", "text", "both")
 
 
-class CLIP(nn.Module):
-    """CLIP (config.shared=False) or SharedCLIP/AlignCLIP (config.shared=True).
+def _compute_dtype(t):
+    """float64 stays float64; everything else (fp32, bf16, fp16) is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-    encode_image / encode_text return L2-normalised embeddings (B, D); forward returns
-    (image_emb, text_emb, logit_scale) with logit_scale = min(exp(tau), max_logit_scale).
+
+def _autocast_off(t):
+    """Autocast off on t's device: the products then run in their inputs' dtype, which the losses
+    choose (_compute_dtype), not in the bf16/fp16 an enclosing torch.autocast would pick."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _upcast(scale, ct):
+    """s in the compute dtype: a Python number stays a number, a tensor keeps its shape."""
+    return scale.to(ct) if torch.is_tensor(scale) else scale
+
+
+def clip_loss(image_emb, text_emb, scale):
+    """CLIP's symmetric contrastive loss (Eq. 1-4):  L = 1/2 [ H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y) ].
+
+    image_emb, text_emb: (b, d), already L2-normalised; scale: s = exp(tau), a number or a tensor
+    of shape () or (1,). The same value, without a b x b matrix once b > block_size:
+    0.5 * contrastive_ce(image_emb, text_emb, scale, both_directions=True) (below).
+    """
+    ct = _compute_dtype(image_emb)
+    with _autocast_off(image_emb):
+        Ev, Et, s = image_emb.to(ct), text_emb.to(ct), _upcast(scale, ct)
+        labels = torch.arange(Ev.shape[0], device=Ev.device)             # (b,) pair i matches row i
+        logits = s * Ev @ Et.T                                           # (b, b) image -> text
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def _check_args(separate, rescale, semantic_emb):
+    if separate not in SEPARATE:
+        raise ValueError(f"separate must be one of {SEPARATE}, got {separate!r}")
+    if rescale and semantic_emb is None:
+        raise ValueError("rescale=True needs semantic_emb (the sentence embeddings of the captions)")
+
+
+def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5,
+                             separate="image", rescale=True, return_parts=False):
+    """AlignCLIP's loss written exactly as the paper states it (Eq. 6-13); every matrix is b x b.
+
+        S     = Ê_s Ê_s^T           semantic similarity of the captions, Ê_s = rows of E_s normalised
+        1 - S                       the captions' dissimilarity (Eq. 6-7), `dissim` in the code;
+                                    rescale=False: 1 - I, the ablation "w/o rescaling" (Table 7)
+        V     = E_v E_v^T           image-image similarity (E_t E_t^T for separate="text")
+        V ⊙ (1 - S)                 (Eq. 8-9) element-wise: V rescaled, `V_rescaled` in the code
+        M     = E_v E_t^T           image-text similarity; diag(M) keeps its diagonal only
+        logits_vsep = s [ diag(M) + V ⊙ (1 - S) ]                             (Eq. 10)
+        L_IMSep     = H(logits_vsep, Y)                                        (Eq. 11)
+        L = alpha [ H(s M, Y) + H(s M^T, Y) ] + beta L_IMSep                   (Eq. 12-13)
+
+    Note the cross-modal part is the SUM of the two cross-entropies (no 1/2, unlike clip_loss), as
+    in the paper and the authors' code. Row i's positive is M_ii + V_ii (1 - S_ii), whose second
+    term is 0 up to rounding when E_s's row i is not zero (and V_ii = 1 when it is: S_ii = 0);
+    its negatives are the other images, each rescaled by how different its caption is (identical
+    captions: weight 0, no push apart). separate="both" uses L_IMSep(image) + L_IMSep(text).
+
+    image_emb, text_emb: (b, d) L2-normalised; semantic_emb: (b, d_s) raw sentence embeddings (no
+    gradient flows into them; may be None when rescale=False); scale: s, a number or a tensor of
+    shape () or (1,). Inputs are upcast to float32 (float64 stays), autocast is off inside.
+    return_parts=True returns (L, {"cross_modal_sum": H(sM, Y) + H(sM^T, Y), "imsep": L_IMSep}),
+    both before their weights: L = alpha * cross_modal_sum + beta * imsep.
+    """
+    _check_args(separate, rescale, semantic_emb)
+    ct, b = _compute_dtype(image_emb), image_emb.shape[0]
+    with _autocast_off(image_emb):
+        Ev, Et, s = image_emb.to(ct), text_emb.to(ct), _upcast(scale, ct)
+        labels = torch.arange(b, device=Ev.device)                       # Y
+        M = Ev @ Et.T                                                    # (b, b)
+        cross = F.cross_entropy(s * M, labels) + F.cross_entropy(s * M.T, labels)
+        if rescale:
+            Es = F.normalize(semantic_emb.detach().to(ct), dim=-1)       # (b, d_s); a zero row stays 0
+            dissim = 1 - Es @ Es.T                                       # (b, b)  1 - S
+        else:
+            dissim = 1 - torch.eye(b, dtype=ct, device=M.device)         # (b, b)  1 - I
+        diag_M = torch.diag(torch.diagonal(M))                           # (b, b)  diag(M)
+
+        def imsep(E):                                                    # E: E_v or E_t
+            V_rescaled = (E @ E.T) * dissim                              # (b, b)  V ⊙ (1 - S)
+            return F.cross_entropy(s * (diag_M + V_rescaled), labels)
+
+        sides = {"image": [Ev], "text": [Et], "both": [Ev, Et]}[separate]
+        sep = sum(imsep(E) for E in sides)
+        total = alpha * cross + beta * sep
+    return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
+
+
+# --- the fused kernel ---------------------------------------------------------
+# Every term of Eq. 13 is one contrastive cross-entropy over Z = s R, with
+#     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ê_s Ê_s^T (IMSep), 1 - I (no rescaling), 1 (CLIP)
+# (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o_i = M_ii). With the row softmax
+# P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss L = (1/b) sum_i
+# [logsumexp_j Z_ij - Z_ii] has b ∂L/∂Z = G, hence
+#     ∂Q = (s/b) (G ⊙ U) K,  ∂K = (s/b) (G ⊙ U)^T Q,  ∂o = (s/b) diag(G),  ∂s = (1/b) sum(G ⊙ R);
+# both directions add H(Z^T, Y), and G gains the column softmax minus I.
+# A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their
+# maxima and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash
+# attention needs because it splits rows. Only both directions' column softmax needs all rows: one
+# sweep more.
+
+
+@dataclass
+class _Operands:
+    """The inputs of one call, in the compute dtype: Z = s [diag(o) + (Q K^T) ⊙ U]."""
+    Q: torch.Tensor             # (b, d)
+    K: torch.Tensor             # (b, d); the same object as Q for the separation terms
+    s: object                   # the scale s: a 0-d tensor or a number
+    diag: object = None         # o (b,), or None: no diagonal override
+    sem: object = None          # Ê_s (b, d_s) row-normalised: U = 1 - Ê_s Ê_s^T; or None
+    zero_diag: bool = False     # U = 1 - I (sem is None then); neither: U = 1
+
+    @staticmethod
+    def of(Q, K, diag, scale, sem, zero_diag):
+        ct = _compute_dtype(Q)
+        up = lambda t: None if t is None else t.to(ct)                   # noqa: E731  no copy if ct
+        s = scale.to(Q.device, ct).reshape(()) if torch.is_tensor(scale) else float(scale)
+        Q = up(Q)
+        return _Operands(Q, Q if K is None else up(K), s, up(diag), up(sem), zero_diag)
+
+    def transposed(self):
+        """Z^T = s [diag(o) + (K Q^T) ⊙ U^T], and U is symmetric: the operands with Q and K swapped."""
+        return _Operands(self.K, self.Q, self.s, self.diag, self.sem, self.zero_diag)
+
+
+def _strip_logits(op, r0, r1):
+    """Rows r0:r1 of Z, (r1 - r0, b), with plain autograd operations."""
+    b, dev = op.K.shape[0], op.K.device
+    eye = torch.arange(r0, r1, device=dev)[:, None] == torch.arange(b, device=dev)  # (n, b) rows of I
+    R = op.Q[r0:r1] @ op.K.T                                             # (n, b)  rows of X
+    if op.sem is not None:
+        R = R * (1 - op.sem[r0:r1] @ op.sem.T)                           # ⊙ U, U = 1 - Ê_s Ê_s^T
+    if op.zero_diag:
+        R = R.masked_fill(eye, 0.0)                                      # ⊙ U, U = 1 - I
+    if op.diag is not None:
+        R = R + eye * op.diag[r0:r1, None]                               # + diag(o)
+    return op.s * R
+
+
+def _strip_ce(op, r0, r1):
+    """The sum over rows r0:r1 of Z of each row's cross-entropy with its label (its own index)."""
+    labels = torch.arange(r0, r1, device=op.Q.device)                    # (n,)
+    return F.cross_entropy(_strip_logits(op, r0, r1), labels, reduction="sum")
+
+
+def contrastive_ce_strips(Q, K, scale, diag=None, sem=None, zero_diag=False, both_directions=False,
+                          block_size=1024):
+    """contrastive_ce's loss by plain autograd over strips of block_size rows. Each strip's logits
+    are recomputed in backward (torch.utils.checkpoint), so no b x b matrix is kept once
+    b > block_size. The step between the reference and ContrastiveCE: same value, simplest code."""
+    with _autocast_off(Q):
+        op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
+        b, total = Q.shape[0], 0
+        for operands in [op, op.transposed()] if both_directions else [op]:  # Z's rows, Z^T's rows
+            for r0 in range(0, b, block_size):
+                total = total + checkpoint(_strip_ce, operands, r0, min(r0 + block_size, b),
+                                           use_reentrant=False)
+        return total / b
+
+
+# The hand-written kernel: contrastive_ce_strips' numbers with fewer products and the gradients
+# computed in forward. Strips reuse three (block_size, b) buffers through in-place operations.
+# Its internals (_sweep and the tiles it computes) follow alignclip_loss.
+
+
+class ContrastiveCE(torch.autograd.Function):
+    """The fused kernel: contrastive_ce_strips' numbers with fewer products, gradients computed in
+    forward, and no b x b matrix once b > block_size.
+
+        loss = H(Z, Y) [+ H(Z^T, Y) if both_directions],    Z = s [diag(o) + (Q K^T) ⊙ U]
+
+    Inputs: Q (b, d); K (b, d), or None for K = Q; diag: o (b,) or None; scale: s, a number or a
+    tensor of shape () or (1,); sem: Ê_s (b, d_s) row-normalised, for U = 1 - Ê_s Ê_s^T, or None;
+    zero_diag: U = 1 - I instead (U = 1 when both are off); both_directions; block_size.
+
+    Fewer products: each strip's G becomes its share of ∂Q, ∂K, ∂o and ∂s at once (the identities
+    above), so no logits are recomputed in backward, and ∂s needs no pass of its own. With both
+    directions a first sweep over strips of Z^T gives the column log-sum-exps and one sweep then
+    does both softmaxes: 4 products of b x b x d, against 6 for two one-direction sweeps and 8 for
+    contrastive_ce_strips; one strip with K = Q takes one product for ∂Q instead of two.
+
+    Saves: only ∂Q, ∂K, ∂o and ∂s. The loss is a scalar at the end of the graph, so backward only
+    scales them by grad_output; per-row statistics instead would pay for every logits tile twice.
+    Memory: O(b (d + d_s)) plus at most three (block_size, b) buffers (Z, U, and P when both
+    directions need Z after P), reused by every strip.
+    Precision: float32 inside (float64 for float64 Q) with autocast off; gradients in each input's
+    dtype and shape, the loss in the compute dtype. No host sync: s stays a tensor, nothing is read
+    back to Python, so a CUDA step never waits for the GPU here.
     """
 
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        c = self.config = config
-        self.visual = ImageStem(c.image_size, c.patch_size, c.width)
-        # the transformer, ln_post and projection: shared by both modalities, or the image tower's
-        self.transformer = Transformer(c.width, c.layers, c.heads, c.mlp_ratio, c.activation)
-        self.ln_post = nn.LayerNorm(c.width)
-        self.projection = nn.Parameter(torch.empty(c.width, c.embed_dim))
-        text_width = c.width if c.shared else c.text_width
-        self.text = TextStem(c.vocab_size, c.context_length, text_width)
-        if not c.shared:  # CLIP baseline: the text gets its own tower
-            self.text_transformer = Transformer(c.text_width, c.text_layers, c.text_heads,
-                                                c.mlp_ratio, c.activation)
-            self.ln_final = nn.LayerNorm(c.text_width)
-            self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
-        self.max_tau = largest_tau(c.max_logit_scale)  # a Python float: clamping to it reads nothing back
-        tau = min(c.init_logit_scale, self.max_tau)
-        self.logit_scale = nn.Parameter(torch.tensor(tau), requires_grad=not c.fixed_logit_scale)
-        self.reset_parameters()
+    @staticmethod
+    def forward(ctx, Q, K, diag, scale, sem, zero_diag=False, both_directions=False, block_size=1024):
+        with _autocast_off(Q):
+            op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
+            loss, acc = _sweep(op, both_directions, block_size, need_grad=True)
+            k = op.s / Q.shape[0]                                        # s/b
+            dK = None if op.K is op.Q else acc.dK.mul_(k)                # K is Q: all of it is in dQ
+            d_o = None if acc.d_o is None else acc.d_o.mul_(k)
+            ctx.save_for_backward(acc.dQ.mul_(k), dK, d_o, acc.GR / Q.shape[0])
+        ctx.meta = [(t.device, t.dtype, t.shape) if torch.is_tensor(t) else None
+                    for t in (Q, K, diag, scale)]
+        return loss
 
-    def reset_parameters(self):
-        """CLIP's initialisation (Radford et al., 2021, as in OpenAI's and OpenCLIP's code)."""
-        nn.init.normal_(self.text.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.text.positional_embedding, std=0.01)
-        scale = self.config.width ** -0.5
-        nn.init.normal_(self.visual.class_embedding, std=scale)
-        nn.init.normal_(self.visual.positional_embedding, std=scale)
-        for transformer, proj in self._towers():
-            W, L = transformer.width, transformer.layers
-            proj_std, attn_std, fc_std = (W ** -0.5) * ((2 * L) ** -0.5), W ** -0.5, (2 * W) ** -0.5
-            for block in transformer.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-            nn.init.normal_(proj, std=W ** -0.5)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        with _autocast_off(grad_loss):
+            grads = [None if g is None or not needed else (grad_loss * g).to(*meta[:2]).reshape(meta[2])
+                     for g, meta, needed in zip(ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)]
+        return (*grads, None, None, None, None)                          # sem, flags, block: none
 
-    def _towers(self):
-        yield self.transformer, self.projection
-        if not self.config.shared:
-            yield self.text_transformer, self.text_projection
 
-    def set_grad_checkpointing(self, enable: bool = True):
-        for transformer, _ in self._towers():
-            transformer.grad_checkpointing = enable
+def contrastive_ce(Q, K, scale, diag=None, sem=None, zero_diag=False, both_directions=False,
+                   block_size=1024):
+    """ContrastiveCE with keyword arguments; without autograd (torch.no_grad, or no input that
+    requires a gradient) it computes the loss only, skipping all gradient work."""
+    inputs = [t for t in (Q, K, diag, scale) if torch.is_tensor(t)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return ContrastiveCE.apply(Q, K, diag, scale, sem, zero_diag, both_directions, block_size)
+    with _autocast_off(Q):
+        op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
+        return _sweep(op, both_directions, block_size, need_grad=False)[0]
 
-    def encode_image(self, images):
-        """(B, 3, H, W) normalised pixels -> (B, D) unit-norm image embeddings E_v."""
-        x = self.transformer(self.visual(images), causal=False)    # (B, 1 + N, W)
-        x = self.ln_post(x[:, 0]) @ self.projection                # class token -> (B, D)
-        return F.normalize(x, dim=-1)
 
-    def encode_text(self, tokens):
-        """(B, T) token ids -> (B, D) unit-norm text embeddings E_t, read at the end-of-text token.
+def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5,
+                   separate="image", rescale=True, block_size=1024, return_parts=False):
+    """AlignCLIP's loss (Eq. 13), equal to alignclip_loss_reference, on the fused ContrastiveCE:
+    memory O(b (d + d_s) + block_size * b) instead of a dozen b x b matrices.
 
-        T may be any length up to context_length: causal attention means nothing after a row's end
-        token changes its embedding, so the caller may drop padding (trim_text_padding; Collate does)
-        and pays for T' tokens, not context_length. Every row must hold the end-of-text id; Tokenizer
-        guarantees it and trim_text_padding checks it on the host. Here a row without one gets a NaN
-        embedding instead of a silently wrong one: a check that raised would need a host-device sync
-        in every forward and would break torch.compile(fullgraph=True).
-        """
-        is_eot = tokens == self.config.eot_id                      # (B, T)
-        eot = is_eot.int().argmax(dim=1)                           # (B,) first end-of-text position
-        x = self.text(tokens)                                      # (B, T, W)
-        if self.config.shared:
-            transformer, ln, proj = self.transformer, self.ln_post, self.projection
-        else:
-            transformer, ln, proj = self.text_transformer, self.ln_final, self.text_projection
-        x = transformer(x, causal=True)                            # (B, T, W)
-        x = ln(x[torch.arange(x.shape[0], device=x.device), eot]) @ proj  # (B, D)
-        x = torch.where(is_eot.any(dim=1, keepdim=True), x, float("nan"))  # (B, D)
-        return F.normalize(x, dim=-1)
+        cross_modal_sum = H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y)     one call, both directions
+        imsep = H(s [diag(M) + (E_v E_v^T) ⊙ (1 - Ê_s Ê_s^T)], Y)   (E_t for "text"; both summed)
+        L     = alpha * cross_modal_sum + beta * imsep
 
-    @torch.no_grad()
-    def clamp_logit_scale_(self):
-        """Keep tau where s <= max_logit_scale and the gradient still reaches it (see largest_tau)."""
-        self.logit_scale.clamp_(max=self.max_tau)
+    Arguments and return_parts as in alignclip_loss_reference; block_size rows per strip.
+    Inputs of any floating dtype are computed in float32 (float64 stays), inside or outside
+    torch.autocast; the loss is float32 (float64), gradients in each input's dtype and shape.
+    """
+    _check_args(separate, rescale, semantic_emb)
+    ct = _compute_dtype(image_emb)
+    kw = dict(block_size=block_size)
+    with _autocast_off(image_emb):
+        cross = contrastive_ce(image_emb, text_emb, scale, both_directions=True, **kw)
+        if beta == 0 and not return_parts:                               # CLIP terms only: skip IMSep
+            return alpha * cross
+        positives = (image_emb.to(ct) * text_emb.to(ct)).sum(-1)        # (b,) diag(M)
+        sem = F.normalize(semantic_emb.detach().to(ct), dim=-1) if rescale else None  # (b, d_s) Ê_s
+        sides = {"image": [image_emb], "text": [text_emb], "both": [image_emb, text_emb]}[separate]
+        sep = sum(contrastive_ce(E, None, scale, diag=positives, sem=sem, zero_diag=not rescale, **kw)
+                  for E in sides)
+        total = alpha * cross + beta * sep
+    return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
 
-    def forward(self, images, tokens):
-        logit_scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
-        return self.encode_image(images), self.encode_text(tokens), logit_scale
+
+# --- the kernel's internals: _sweep walks the strips; _strip_grads adds each strip's share -----
+
+
+def _sweep(op, both_directions, block, need_grad):
+    """The work of ContrastiveCE: the loss and, if need_grad, the unscaled _Grads of the loss."""
+    b = op.Q.shape[0]
+    block = max(1, min(int(block), b))
+    # the only (block, b) buffers: the logits Z, the weights U, and the probabilities P (P can
+    # overwrite Z unless the column softmax still needs Z)
+    z_buf = op.Q.new_empty(block, b)
+    u_buf = op.Q.new_empty(block, b) if op.sem is not None else None
+    p_buf = op.Q.new_empty(block, b) if both_directions else z_buf
+    col_lse = None                                                       # logsumexp of Z's columns
+    if both_directions and block < b:
+        col_lse = _row_logsumexp(op.transposed(), block, z_buf, u_buf)
+    acc = _Grads.zeros(op) if need_grad else None
+    loss = op.Q.new_zeros(())
+    for r0 in range(0, b, block):
+        r1 = min(r0 + block, b)
+        Z, U = _logit_tile(op, r0, r1, z_buf, u_buf)
+        pos = Z.diagonal(r0).clone()                                     # (n,) the positives Z_ii
+        if both_directions and col_lse is None:                          # one strip: Z is all of Z
+            col_lse = torch.logsumexp(Z, 0)                              # (b,)
+        m = Z.amax(1, keepdim=True)                                      # (n, 1) exact row maxima
+        P = torch.sub(Z, m, out=p_buf[: r1 - r0]).exp_()                 # (n, b) unnormalised
+        norm = P.sum(1, keepdim=True)                                    # (n, 1)
+        loss += (m.squeeze(1) + norm.squeeze(1).log() - pos).sum()      # sum_i lse_i - Z_ii
+        if both_directions:
+            loss += (col_lse[r0:r1] - pos).sum()                         # H(Z^T, Y)'s rows r0:r1
+        if need_grad:
+            G = P.div_(norm)                                             # (n, b) row softmax
+            if both_directions:
+                G.add_(Z.sub_(col_lse).exp_())                           # + column softmax; Z is spent
+            G.diagonal(r0).sub_(2.0 if both_directions else 1.0)         # - I, once per direction
+            _strip_grads(op, G, U, r0, r1, acc)
+    return loss / b, acc
+
+
+def _logit_tile(op, r0, r1, z_out, u_out):
+    """_strip_logits in the buffers z_out, u_out: rows r0:r1 of Z and of U (None when U has none).
+    In a strip of rows r0:r1 the global diagonal (i, i) is the strip's diagonal with offset r0."""
+    Z = torch.mm(op.Q[r0:r1] * op.s, op.K.T, out=z_out[: r1 - r0])       # (n, b)  s X
+    U = None
+    if op.sem is not None:
+        U = _weight_tile(op.sem, r0, r1, u_out)                          # (n, b)
+        Z.mul_(U)
+    if op.zero_diag:
+        Z.diagonal(r0).zero_()
+    if op.diag is not None:
+        Z.diagonal(r0).add_(op.diag[r0:r1] * op.s)                       # + s o_i
+    return Z, U
+
+
+def _weight_tile(sem, r0, r1, out):
+    """Rows r0:r1 of U = 1 - Ê_s Ê_s^T, (r1 - r0, b), written into `out`."""
+    U = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  rows of S
+    return U.neg_().add_(1)                                              # (n, b)  1 - S
+
+
+def _row_logsumexp(op, block, z_buf, u_buf):
+    """logsumexp over each full row of Z, (b,), one strip at a time (exact row maxima)."""
+    b = op.Q.shape[0]
+    lse = op.Q.new_empty(b)
+    for r0 in range(0, b, block):
+        Z, _ = _logit_tile(op, r0, min(r0 + block, b), z_buf, u_buf)
+        m = Z.amax(1, keepdim=True)                                      # (n, 1)
+        lse[r0:r0 + len(Z)] = (m + Z.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(1)
+    return lse
+
+
+@dataclass
+class _Grads:
+    """The identities' sums over strips, scaled once at the end: dQ, dK, d_o (∂Q, ∂K, ∂o) by s/b,
+    GR (b ∂s) by 1/b. dK is the same tensor as dQ when K is Q."""
+    dQ: torch.Tensor            # (b, d)  (G ⊙ U) K  [+ (G ⊙ U)^T Q when K is Q]
+    dK: torch.Tensor            # (b, d)  (G ⊙ U)^T Q
+    d_o: object                 # (b,)    diag(G), or None without o
+    GR: torch.Tensor            # ()      sum(G ⊙ R)
+
+    @staticmethod
+    def zeros(op):
+        dQ = torch.zeros_like(op.Q)
+        return _Grads(dQ, dQ if op.K is op.Q else torch.zeros_like(op.K),
+                      None if op.diag is None else torch.zeros_like(op.diag), op.Q.new_zeros(()))
+
+
+def _strip_grads(op, G, U, r0, r1, acc):
+    """Add strip r0:r1's share of each sum into acc. sum(G ⊙ R) = sum_i G_ii o_i + sum(G ⊙ U ⊙ X),
+    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product ∂Q needs anyway."""
+    if op.diag is not None:
+        acc.d_o[r0:r1] = G.diagonal(r0)                                  # (n,)
+        acc.GR += torch.dot(acc.d_o[r0:r1], op.diag[r0:r1])
+    GU = G.mul_(U) if U is not None else G                               # (n, b)  G ⊙ U
+    if op.zero_diag:
+        GU.diagonal(r0).zero_()
+    Qs = op.Q[r0:r1]                                                     # (n, d)
+    if op.K is op.Q and r1 - r0 == op.Q.shape[0]:
+        # one strip and K = Q: ∂Q's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
+        # as Q Q^T is symmetric, sum(G ⊙ U ⊙ Q Q^T) is half of Q . that sum
+        GUQ = (GU + GU.T) @ Qs                                           # (b, d)
+        acc.dQ += GUQ
+        acc.GR += 0.5 * torch.vdot(Qs.reshape(-1), GUQ.reshape(-1))
+        return
+    GUK = GU @ op.K                                                      # (n, d)
+    acc.dQ[r0:r1] += GUK
+    acc.dK.addmm_(GU.T, Qs)                                              # (b, d); dK is dQ if K is Q
+    acc.GR += torch.vdot(Qs.reshape(-1), GUK.reshape(-1))
+
+
+# -----------------------------------------------------------------------------
+# Metrics: alignment score (Eq. 5), modality gap (Liang et al., 2022), retrieval recall and
+# top-k accuracy (Tables 2-5), zero-shot classifiers built from prompts
+# -----------------------------------------------------------------------------
+
+
+def alignment_score(image_emb, text_emb):
+    """Eq. 5: the mean over pairs of cos(e_v^i, e_t^i), in [-1, 1] (inputs normalised here too).
+    The mean angle in degrees is math.degrees(math.acos(score))."""
+    ct = _compute_dtype(image_emb)
+    Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
+    return (Ev * Et).sum(-1).mean()
+
+
+def modality_gap(image_emb, text_emb):
+    """|| mean(E_v) - mean(E_t) ||: the distance between the centroids of the normalised embeddings
+    (Liang et al., 2022); 0 when both modalities have the same centroid."""
+    ct = _compute_dtype(image_emb)
+    Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
+    return (Ev.mean(0) - Et.mean(0)).norm()
+
+
+def _ranked(scores, k):
+    """Indices of the k highest scores of each row, best first, ties broken by the lower index
+    (torch.topk's order among equal values is unspecified)."""
+    return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+
+
+def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict:
+    """Recall@k in percent, both directions, for some images and at least as many captions.
+
+    text_to_image[j] is the index of the image that caption j describes, so an image may have
+    several captions. Image->text: a hit if ANY of the image's captions is among its k most similar
+    captions. Text->image: a hit if the caption's own image is among its k most similar images.
+    k larger than the gallery counts as the whole gallery. Ties are broken by index (the lower
+    index ranks first), so an untrained model with equal scores gives a reproducible answer.
+    """
+    text_to_image = torch.as_tensor(text_to_image, device=image_emb.device)
+    sim = image_emb.float() @ text_emb.float().T                       # (images, captions)
+    image_ids = torch.arange(sim.shape[0], device=sim.device)
+    owns = text_to_image[None, :] == image_ids[:, None]               # (images, captions): j is i's
+    out = {}
+    for k in ks:
+        top_t = _ranked(sim, k)                                        # (images, k) best captions per image
+        out[f"i2t_R@{k}"] = 100.0 * owns.gather(1, top_t).any(dim=1).float().mean().item()
+    for k in ks:
+        top_i = _ranked(sim.T, k)                                      # (captions, k) best images per caption
+        out[f"t2i_R@{k}"] = 100.0 * (top_i == text_to_image[:, None]).any(dim=1).float().mean().item()
+    return out
+
+
+def accuracy(logits, targets, topk=(1, 5)) -> dict:
+    """Top-k accuracy in percent: {k: percent}; k larger than the number of classes counts all.
+    Ties are broken by the lower class index."""
+    top = _ranked(logits, max(topk))                                    # (B, kmax)
+    hit = top == targets[:, None]                                      # (B, kmax)
+    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in topk}
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
+    """(C, d) class embeddings: for each class, the mean of the normalised text embeddings of the
+    class name put into every template, re-normalised (CLIP's prompt ensembling)."""
+    ctx = model.config.context_length
+    rows = []
+    for name in classnames:
+        tokens = tokenize(tokenizer, [t.format(name) for t in templates], ctx).to(device)  # (n_templates, T')
+        rows.append(F.normalize(model.encode_text(tokens).float().mean(dim=0), dim=-1))
+    return torch.stack(rows)                                            # (C, d)
+
+
+# =============================================================================
+# The method ends here. Everything below is tooling that the method does not need to be read:
+# checkpoint loading, data, learning BPE merges, the loss benchmark, evaluate_pairs.
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: the project's own files, the authors' SharedCLIP/AlignCLIP files, and OpenCLIP/OpenAI
-# CLIP state dicts (layouts: shared/checkpoints.md). A foreign layout is read by renaming its keys
+# CLIP state dicts (OpenCLIP's key names). A foreign layout is read by renaming its keys
 # to ours and inferring the config from tensor shapes; our own files store asdict(config).
 # -----------------------------------------------------------------------------
 
@@ -907,669 +1318,6 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
 
 
 # -----------------------------------------------------------------------------
-# Losses (the paper's Eq. 1-13) and the alignment metrics (Eq. 5; Liang et al., 2022)
-#
-# Self-contained: this section needs only torch and the standard library, so it can be copied
-# alone into another codebase, with these imports (the benchmark at its end also uses argparse,
-# functools, statistics and time; leave it out if you do not need it):
-#     from dataclasses import dataclass
-#     import torch
-#     import torch.nn.functional as F
-#     from torch.autograd.function import once_differentiable
-#     from torch.utils.checkpoint import checkpoint
-# In an existing CLIP training loop, where image_emb and text_emb are L2-normalised (b, d) and
-# scale = model.logit_scale.exp() (OpenCLIP's parameter logit_scale is tau = log s), replace the
-# CLIP loss with:
-#
-#     sem = sbert.encode(captions, convert_to_tensor=True)                # (b, d_s), any scale
-#     loss = alignclip_loss(image_emb, text_emb, sem, scale)              # was: clip_loss(...)
-#     loss.backward()
-#
-# Reading order: clip_loss (Eq. 1-4) -> alignclip_loss_reference (Eq. 6-13, line by line) -> the
-# fused kernel: its identities, contrastive_ce_strips (the same loss over strips of rows, plain
-# autograd), ContrastiveCE (the same numbers with fewer products) -> alignclip_loss (the
-# reference's semantics on the kernel; train.py uses it) -> alignment_score (Eq. 5), modality_gap.
-# Symbols: E_v, E_t (b, d) image and text embeddings, E_s (b, d_s) sentence embeddings of the
-# captions, s = exp(tau) the logit scale (the argument `scale`; the model's parameter is tau),
-# Y = (0, ..., b-1) the labels, H(logits, Y) the mean cross-entropy over rows.
-# Precision: every loss computes in float32 (float64 for float64 inputs) with autocast off inside,
-# whatever the caller's torch.autocast says, and gives gradients in each input's dtype and shape.
-# Call backward outside autocast, as PyTorch advises (the fused kernel's backward is exact either
-# way; that of clip_loss and the reference would run its products in autocast's dtype).
-# -----------------------------------------------------------------------------
-
-SEPARATE = ("image", "text", "both")
-
-
-def _compute_dtype(t):
-    """float64 stays float64; everything else (fp32, bf16, fp16) is computed in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _autocast_off(t):
-    """Autocast off on t's device: the products then run in their inputs' dtype, which the losses
-    choose (_compute_dtype), not in the bf16/fp16 an enclosing torch.autocast would pick."""
-    return torch.autocast(t.device.type, enabled=False)
-
-
-def _upcast(scale, ct):
-    """s in the compute dtype: a Python number stays a number, a tensor keeps its shape."""
-    return scale.to(ct) if torch.is_tensor(scale) else scale
-
-
-def clip_loss(image_emb, text_emb, scale):
-    """CLIP's symmetric contrastive loss (Eq. 1-4):  L = 1/2 [ H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y) ].
-
-    image_emb, text_emb: (b, d), already L2-normalised; scale: s = exp(tau), a number or a tensor
-    of shape () or (1,). The same value without a b x b matrix: 0.5 * contrastive_ce(image_emb,
-    text_emb, scale, both_directions=True) (below).
-    """
-    ct = _compute_dtype(image_emb)
-    with _autocast_off(image_emb):
-        Ev, Et, s = image_emb.to(ct), text_emb.to(ct), _upcast(scale, ct)
-        labels = torch.arange(Ev.shape[0], device=Ev.device)             # (b,) pair i matches row i
-        logits = s * Ev @ Et.T                                           # (b, b) image -> text
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-def _check_args(separate, rescale, semantic_emb):
-    if separate not in SEPARATE:
-        raise ValueError(f"separate must be one of {SEPARATE}, got {separate!r}")
-    if rescale and semantic_emb is None:
-        raise ValueError("rescale=True needs semantic_emb (the sentence embeddings of the captions)")
-
-
-def alignclip_loss_reference(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5,
-                             separate="image", rescale=True, return_parts=False):
-    """AlignCLIP's loss written exactly as the paper states it (Eq. 6-13); every matrix is b x b.
-
-        S     = Ê_s Ê_s^T           semantic similarity of the captions, Ê_s = rows of E_s normalised
-        1 - S                       the paper's D (Eq. 6-7), `dissim` in the code; with
-                                    rescale=False 1 - I, the ablation "w/o rescaling" (Table 7)
-        V     = E_v E_v^T           image-image similarity (E_t E_t^T for separate="text")
-        V_D   = V ⊙ (1 - S)         (Eq. 8-9)   element-wise
-        M     = E_v E_t^T           image-text similarity; diag(M) keeps its diagonal only
-        logits_vsep = s [ diag(M) + V_D ]                                     (Eq. 10)
-        L_IMSep     = H(logits_vsep, Y)                                        (Eq. 11)
-        L = alpha [ H(s M, Y) + H(s M^T, Y) ] + beta L_IMSep                   (Eq. 12-13)
-
-    Note the cross-modal part is the SUM of the two cross-entropies (no 1/2, unlike clip_loss), as
-    in the paper and the authors' code. Row i's positive is M_ii plus V_D's diagonal V_ii (1 - S_ii),
-    which is 0 up to rounding when E_s's row i is not zero (and V_ii = 1 when it is: S_ii = 0);
-    its negatives are the other images, each rescaled by how different its caption is (identical
-    captions: weight 0, no push apart). separate="both" uses L_IMSep(image) + L_IMSep(text).
-
-    image_emb, text_emb: (b, d) L2-normalised; semantic_emb: (b, d_s) raw sentence embeddings (no
-    gradient flows into them; may be None when rescale=False); scale: s, a number or a tensor of
-    shape () or (1,). Inputs are upcast to float32 (float64 stays), autocast is off inside.
-    return_parts=True returns (L, {"cross_modal_sum": H(sM, Y) + H(sM^T, Y), "imsep": L_IMSep}),
-    both before their weights: L = alpha * cross_modal_sum + beta * imsep.
-    """
-    _check_args(separate, rescale, semantic_emb)
-    ct, b = _compute_dtype(image_emb), image_emb.shape[0]
-    with _autocast_off(image_emb):
-        Ev, Et, s = image_emb.to(ct), text_emb.to(ct), _upcast(scale, ct)
-        labels = torch.arange(b, device=Ev.device)                       # Y
-        M = Ev @ Et.T                                                    # (b, b)
-        cross = F.cross_entropy(s * M, labels) + F.cross_entropy(s * M.T, labels)
-        if rescale:
-            Es = F.normalize(semantic_emb.detach().to(ct), dim=-1)       # (b, d_s); a zero row stays 0
-            dissim = 1 - Es @ Es.T                                       # (b, b)  1 - S
-        else:
-            dissim = 1 - torch.eye(b, dtype=ct, device=M.device)         # (b, b)  1 - I
-        diag_M = torch.diag(torch.diagonal(M))                           # (b, b)  diag(M)
-
-        def imsep(E):                                                    # E: E_v or E_t
-            V_D = (E @ E.T) * dissim                                     # (b, b)
-            return F.cross_entropy(s * (diag_M + V_D), labels)
-
-        sides = {"image": [Ev], "text": [Et], "both": [Ev, Et]}[separate]
-        sep = sum(imsep(E) for E in sides)
-        total = alpha * cross + beta * sep
-    return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
-
-
-# --- the fused kernel ---------------------------------------------------------
-# Every term of Eq. 13 is one contrastive cross-entropy over Z = s R, with
-#     R = diag(o) + X ⊙ U,  X = Q K^T,  U = 1 - Ê_s Ê_s^T (IMSep), 1 - I (no rescaling), 1 (CLIP)
-# (CLIP terms: Q, K = E_v, E_t, no o; IMSep: Q = K = E_v or E_t, o_i = M_ii). With the row softmax
-# P = softmax(Z) and G = P - I (row i's one-hot label is row i of I), the loss (1/b) sum_i
-# [logsumexp_j Z_ij - Z_ii] has b dloss/dZ = G, hence
-#     dQ = (s/b) (G ⊙ U) K,  dK = (s/b) (G ⊙ U)^T Q,  d_o = (s/b) diag(G),  ds = (1/b) sum(G ⊙ R);
-# both directions add H(Z^T, Y), and G gains the column softmax minus I.
-# A strip of n = block_size whole rows of Z holds everything its rows' softmax needs, so their
-# maxima and log-sum-exps are exact in one pass: no online (running-maximum) softmax, which flash
-# attention needs because it splits rows. Only both directions' column softmax needs all rows: one
-# sweep more.
-
-
-@dataclass
-class _Operands:
-    """The inputs of one call, in the compute dtype: Z = s [diag(o) + (Q K^T) ⊙ U]."""
-    Q: torch.Tensor             # (b, d)
-    K: torch.Tensor             # (b, d); the same object as Q for the separation terms
-    s: object                   # the scale s: a 0-d tensor or a number
-    diag: object = None         # o (b,), or None: no diagonal override
-    sem: object = None          # Ê_s (b, d_s) row-normalised: U = 1 - Ê_s Ê_s^T; or None
-    zero_diag: bool = False     # U = 1 - I (sem is None then); neither: U = 1
-
-    @staticmethod
-    def of(Q, K, diag, scale, sem, zero_diag):
-        ct = _compute_dtype(Q)
-        up = lambda t: None if t is None else t.to(ct)                   # noqa: E731  no copy if ct
-        s = scale.to(Q.device, ct).reshape(()) if torch.is_tensor(scale) else float(scale)
-        Q = up(Q)
-        return _Operands(Q, Q if K is None else up(K), s, up(diag), up(sem), zero_diag)
-
-    def transposed(self):
-        """Z^T = s [diag(o) + (K Q^T) ⊙ U^T], and U is symmetric: the operands with Q and K swapped."""
-        return _Operands(self.K, self.Q, self.s, self.diag, self.sem, self.zero_diag)
-
-
-def _strip_logits(op, r0, r1):
-    """Rows r0:r1 of Z, (r1 - r0, b), with plain autograd operations."""
-    b, dev = op.K.shape[0], op.K.device
-    eye = torch.arange(r0, r1, device=dev)[:, None] == torch.arange(b, device=dev)  # (n, b) rows of I
-    R = op.Q[r0:r1] @ op.K.T                                             # (n, b)  rows of X
-    if op.sem is not None:
-        R = R * (1 - op.sem[r0:r1] @ op.sem.T)                           # ⊙ U, U = 1 - Ê_s Ê_s^T
-    if op.zero_diag:
-        R = R.masked_fill(eye, 0.0)                                      # ⊙ U, U = 1 - I
-    if op.diag is not None:
-        R = R + eye * op.diag[r0:r1, None]                               # + diag(o)
-    return op.s * R
-
-
-def _strip_ce(op, r0, r1):
-    """The sum over rows r0:r1 of Z of each row's cross-entropy with its label (its own index)."""
-    labels = torch.arange(r0, r1, device=op.Q.device)                    # (n,)
-    return F.cross_entropy(_strip_logits(op, r0, r1), labels, reduction="sum")
-
-
-def contrastive_ce_strips(Q, K, scale, diag=None, sem=None, zero_diag=False, both_directions=False,
-                          block_size=1024):
-    """contrastive_ce's loss by plain autograd over strips of block_size rows. Each strip's logits
-    are recomputed in backward (torch.utils.checkpoint), so no b x b matrix is kept once
-    b > block_size. The step between the reference and ContrastiveCE: same value, simplest code."""
-    with _autocast_off(Q):
-        op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
-        b, total = Q.shape[0], 0
-        for operands in [op, op.transposed()] if both_directions else [op]:  # Z's rows, Z^T's rows
-            for r0 in range(0, b, block_size):
-                total = total + checkpoint(_strip_ce, operands, r0, min(r0 + block_size, b),
-                                           use_reentrant=False)
-        return total / b
-
-
-# The hand-written kernel: contrastive_ce_strips' numbers with fewer products and the gradients
-# computed in forward. Strips reuse three (block_size, b) buffers through in-place operations.
-
-
-def _weight_tile(sem, r0, r1, out):
-    """Rows r0:r1 of U = 1 - Ê_s Ê_s^T, (r1 - r0, b), written into `out`."""
-    U = torch.mm(sem[r0:r1], sem.T, out=out[: r1 - r0])                  # (n, b)  rows of S
-    return U.neg_().add_(1)                                              # (n, b)  1 - S
-
-
-def _logit_tile(op, r0, r1, z_out, u_out):
-    """_strip_logits in the buffers z_out, u_out: rows r0:r1 of Z and of U (None when U has none).
-    In a strip of rows r0:r1 the global diagonal (i, i) is the strip's diagonal with offset r0."""
-    Z = torch.mm(op.Q[r0:r1] * op.s, op.K.T, out=z_out[: r1 - r0])       # (n, b)  s X
-    U = None
-    if op.sem is not None:
-        U = _weight_tile(op.sem, r0, r1, u_out)                          # (n, b)
-        Z.mul_(U)
-    if op.zero_diag:
-        Z.diagonal(r0).zero_()
-    if op.diag is not None:
-        Z.diagonal(r0).add_(op.diag[r0:r1] * op.s)                       # + s o_i
-    return Z, U
-
-
-def _row_logsumexp(op, block, z_buf, u_buf):
-    """logsumexp over each full row of Z, (b,), one strip at a time (exact row maxima)."""
-    b = op.Q.shape[0]
-    lse = op.Q.new_empty(b)
-    for r0 in range(0, b, block):
-        Z, _ = _logit_tile(op, r0, min(r0 + block, b), z_buf, u_buf)
-        m = Z.amax(1, keepdim=True)                                      # (n, 1)
-        lse[r0:r0 + len(Z)] = (m + Z.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(1)
-    return lse
-
-
-@dataclass
-class _Grads:
-    """The identities' sums over strips, scaled once at the end: dQ and dK by s/b, d_o by s/b,
-    G ⊙ R's sum by 1/b. dK is the same tensor as dQ when K is Q."""
-    dQ: torch.Tensor            # (b, d)  (G ⊙ U) K  [+ (G ⊙ U)^T Q when K is Q]
-    dK: torch.Tensor            # (b, d)  (G ⊙ U)^T Q
-    d_o: object                 # (b,)    diag(G), or None without o
-    GR: torch.Tensor            # ()      sum(G ⊙ R)
-
-    @staticmethod
-    def zeros(op):
-        dQ = torch.zeros_like(op.Q)
-        return _Grads(dQ, dQ if op.K is op.Q else torch.zeros_like(op.K),
-                      None if op.diag is None else torch.zeros_like(op.diag), op.Q.new_zeros(()))
-
-
-def _strip_grads(op, G, U, r0, r1, acc):
-    """Add strip r0:r1's share of each sum into acc. sum(G ⊙ R) = sum_i G_ii o_i + sum(G ⊙ U ⊙ X),
-    and sum(G ⊙ U ⊙ Q K^T) = sum_i Q_i . ((G ⊙ U) K)_i reuses a product dQ needs anyway."""
-    if op.diag is not None:
-        acc.d_o[r0:r1] = G.diagonal(r0)                                  # (n,)
-        acc.GR += torch.dot(acc.d_o[r0:r1], op.diag[r0:r1])
-    GU = G.mul_(U) if U is not None else G                               # (n, b)  G ⊙ U
-    if op.zero_diag:
-        GU.diagonal(r0).zero_()
-    Qs = op.Q[r0:r1]                                                     # (n, d)
-    if op.K is op.Q and r1 - r0 == op.Q.shape[0]:
-        # one strip and K = Q: dQ's sum (G ⊙ U + (G ⊙ U)^T) Q is one product instead of two, and
-        # as Q Q^T is symmetric, sum(G ⊙ U ⊙ Q Q^T) is half of Q . that sum
-        GUQ = (GU + GU.T) @ Qs                                           # (b, d)
-        acc.dQ += GUQ
-        acc.GR += 0.5 * torch.vdot(Qs.reshape(-1), GUQ.reshape(-1))
-        return
-    GUK = GU @ op.K                                                      # (n, d)
-    acc.dQ[r0:r1] += GUK
-    acc.dK.addmm_(GU.T, Qs)                                              # (b, d); dK is dQ if K is Q
-    acc.GR += torch.vdot(Qs.reshape(-1), GUK.reshape(-1))
-
-
-def _sweep(op, both_directions, block, need_grad):
-    """The work of ContrastiveCE: the loss and, if need_grad, the unscaled _Grads of the loss."""
-    b = op.Q.shape[0]
-    block = max(1, min(int(block), b))
-    # the only (block, b) buffers: the logits Z, the weights U, and the probabilities P (P can
-    # overwrite Z unless the column softmax still needs Z)
-    z_buf = op.Q.new_empty(block, b)
-    u_buf = op.Q.new_empty(block, b) if op.sem is not None else None
-    p_buf = op.Q.new_empty(block, b) if both_directions else z_buf
-    col_lse = None                                                       # logsumexp of Z's columns
-    if both_directions and block < b:
-        col_lse = _row_logsumexp(op.transposed(), block, z_buf, u_buf)
-    acc = _Grads.zeros(op) if need_grad else None
-    loss = op.Q.new_zeros(())
-    for r0 in range(0, b, block):
-        r1 = min(r0 + block, b)
-        Z, U = _logit_tile(op, r0, r1, z_buf, u_buf)
-        pos = Z.diagonal(r0).clone()                                     # (n,) the positives Z_ii
-        if both_directions and col_lse is None:                          # one strip: Z is all of Z
-            col_lse = torch.logsumexp(Z, 0)                              # (b,)
-        m = Z.amax(1, keepdim=True)                                      # (n, 1) exact row maxima
-        P = torch.sub(Z, m, out=p_buf[: r1 - r0]).exp_()                 # (n, b) unnormalised
-        norm = P.sum(1, keepdim=True)                                    # (n, 1)
-        loss += (m.squeeze(1) + norm.squeeze(1).log() - pos).sum()      # sum_i lse_i - Z_ii
-        if both_directions:
-            loss += (col_lse[r0:r1] - pos).sum()                         # H(Z^T, Y)'s rows r0:r1
-        if need_grad:
-            G = P.div_(norm)                                             # (n, b) row softmax
-            if both_directions:
-                G.add_(Z.sub_(col_lse).exp_())                           # + column softmax; Z is spent
-            G.diagonal(r0).sub_(2.0 if both_directions else 1.0)         # - I, once per direction
-            _strip_grads(op, G, U, r0, r1, acc)
-    return loss / b, acc
-
-
-class ContrastiveCE(torch.autograd.Function):
-    """The fused kernel: contrastive_ce_strips' numbers with fewer products, gradients computed in
-    forward, and no b x b matrix once b > block_size.
-
-        loss = H(Z, Y) [+ H(Z^T, Y) if both_directions],    Z = s [diag(o) + (Q K^T) ⊙ U]
-
-    Inputs: Q (b, d); K (b, d), or None for K = Q; diag: o (b,) or None; scale: s, a number or a
-    tensor of shape () or (1,); sem: Ê_s (b, d_s) row-normalised, for U = 1 - Ê_s Ê_s^T, or None;
-    zero_diag: U = 1 - I instead (U = 1 when both are off); both_directions; block_size.
-
-    Fewer products: each strip's G becomes its share of dQ, dK, d_o and ds at once (the identities
-    above), so no logits are recomputed in backward, and ds needs no pass of its own. With both
-    directions a first sweep over strips of Z^T gives the column log-sum-exps and one sweep then
-    does both softmaxes: 4 products of b x b x d, against 6 for two one-direction sweeps and 8 for
-    contrastive_ce_strips; one strip with K = Q takes one product for dQ instead of two.
-
-    Saves: only dQ, dK, d_o and ds. The loss is a scalar at the end of the graph, so backward only
-    scales them by grad_output; per-row statistics instead would pay for every logits tile twice.
-    Memory: O(b (d + d_s)) plus at most three (block_size, b) buffers (Z, U, and P when both
-    directions need Z after P), reused by every strip.
-    Precision: float32 inside (float64 for float64 Q) with autocast off; gradients in each input's
-    dtype and shape, the loss in the compute dtype. No host sync: s stays a tensor, nothing is read
-    back to Python, so a CUDA step never waits for the GPU here.
-    """
-
-    @staticmethod
-    def forward(ctx, Q, K, diag, scale, sem, zero_diag=False, both_directions=False, block_size=1024):
-        with _autocast_off(Q):
-            op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
-            loss, acc = _sweep(op, both_directions, block_size, need_grad=True)
-            k = op.s / Q.shape[0]                                        # s/b
-            dK = None if op.K is op.Q else acc.dK.mul_(k)                # K is Q: all of it is in dQ
-            d_o = None if acc.d_o is None else acc.d_o.mul_(k)
-            ctx.save_for_backward(acc.dQ.mul_(k), dK, d_o, acc.GR / Q.shape[0])
-        ctx.meta = [(t.device, t.dtype, t.shape) if torch.is_tensor(t) else None
-                    for t in (Q, K, diag, scale)]
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        with _autocast_off(grad_loss):
-            grads = [None if g is None or not needed else (grad_loss * g).to(*meta[:2]).reshape(meta[2])
-                     for g, meta, needed in zip(ctx.saved_tensors, ctx.meta, ctx.needs_input_grad)]
-        return (*grads, None, None, None, None)                          # sem, flags, block: none
-
-
-def contrastive_ce(Q, K, scale, diag=None, sem=None, zero_diag=False, both_directions=False,
-                   block_size=1024):
-    """ContrastiveCE with keyword arguments; without autograd (torch.no_grad, or no input that
-    requires a gradient) it computes the loss only, skipping all gradient work."""
-    inputs = [t for t in (Q, K, diag, scale) if torch.is_tensor(t)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return ContrastiveCE.apply(Q, K, diag, scale, sem, zero_diag, both_directions, block_size)
-    with _autocast_off(Q):
-        op = _Operands.of(Q, K, diag, scale, sem, zero_diag)
-        return _sweep(op, both_directions, block_size, need_grad=False)[0]
-
-
-def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5,
-                   separate="image", rescale=True, block_size=1024, return_parts=False):
-    """AlignCLIP's loss (Eq. 13), equal to alignclip_loss_reference, on the fused ContrastiveCE:
-    memory O(b (d + d_s) + block_size * b) instead of a dozen b x b matrices.
-
-        cross_modal_sum = H(s E_v E_t^T, Y) + H(s E_t E_v^T, Y)     one call, both directions
-        imsep = H(s [diag(M) + (E_v E_v^T) ⊙ (1 - Ê_s Ê_s^T)], Y)   (E_t for "text"; both summed)
-        L     = alpha * cross_modal_sum + beta * imsep
-
-    Arguments and return_parts as in alignclip_loss_reference; block_size rows per strip.
-    Inputs of any floating dtype are computed in float32 (float64 stays), inside or outside
-    torch.autocast; the loss is float32 (float64), gradients in each input's dtype and shape.
-    """
-    _check_args(separate, rescale, semantic_emb)
-    ct = _compute_dtype(image_emb)
-    kw = dict(block_size=block_size)
-    with _autocast_off(image_emb):
-        cross = contrastive_ce(image_emb, text_emb, scale, both_directions=True, **kw)
-        if beta == 0 and not return_parts:                               # CLIP terms only: skip IMSep
-            return alpha * cross
-        positives = (image_emb.to(ct) * text_emb.to(ct)).sum(-1)        # (b,) diag(M)
-        sem = F.normalize(semantic_emb.detach().to(ct), dim=-1) if rescale else None  # (b, d_s) Ê_s
-        sides = {"image": [image_emb], "text": [text_emb], "both": [image_emb, text_emb]}[separate]
-        sep = sum(contrastive_ce(E, None, scale, diag=positives, sem=sem, zero_diag=not rescale, **kw)
-                  for E in sides)
-        total = alpha * cross + beta * sep
-    return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
-
-
-# --- metrics ------------------------------------------------------------------
-
-
-def alignment_score(image_emb, text_emb):
-    """Eq. 5: the mean over pairs of cos(e_v^i, e_t^i), in [-1, 1] (inputs normalised here too).
-    The mean angle in degrees is math.degrees(math.acos(score))."""
-    ct = _compute_dtype(image_emb)
-    Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
-    return (Ev * Et).sum(-1).mean()
-
-
-def modality_gap(image_emb, text_emb):
-    """|| mean(E_v) - mean(E_t) ||: the distance between the centroids of the normalised embeddings
-    (Liang et al., 2022); 0 when both modalities have the same centroid."""
-    ct = _compute_dtype(image_emb)
-    Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
-    return (Ev.mean(0) - Et.mean(0)).norm()
-
-
-# --- benchmark: python alignclip.py bench (not needed by the losses) -----------
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _bench_case(queue, impl, b, device, timed, args):
-    """One (implementation, batch size) case in a fresh process: the peak extra memory in bytes of
-    the first forward+backward over the inputs (CPU: peak RSS growth; CUDA: the allocator's peak),
-    and the median seconds of `timed` more (or of the first alone when timed = 0). With bf16/fp16
-    the embeddings are made in that dtype, as a model under autocast returns them, and the loss is
-    called inside torch.autocast of it."""
-    import resource
-    torch.set_num_threads(args.threads)
-    loss = alignclip_loss_reference if impl == "reference" else \
-        functools.partial(alignclip_loss, block_size=args.block_size)
-    cuda = torch.device(device).type == "cuda"
-    dtype = PRECISIONS[args.precision]
-
-    def inputs(n):
-        gen = torch.Generator(device=device).manual_seed(0)
-        randn = lambda: torch.randn(n, args.dim, device=device, generator=gen)  # noqa: E731
-        Ev, Et = (F.normalize(randn(), dim=-1).to(dtype).requires_grad_() for _ in range(2))
-        Es = randn().to(dtype)                                           # raw sentence embeddings
-        return Ev, Et, Es, torch.tensor(1 / 0.07, device=device, requires_grad=True)
-
-    def seconds(loss_args):
-        t0 = time.perf_counter()
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=args.precision != "fp32"):
-            value = loss(*loss_args)
-        value.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    seconds(inputs(64))                                                  # start thread pools, kernels
-    loss_args = inputs(b)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
-    first = seconds(loss_args)                                           # the memory peak is this run's
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
-    for _ in range(timed):
-        for t in loss_args:
-            t.grad = None
-        times.append(seconds(loss_args))
-    times = times or [first]
-    queue.put((statistics.median(times), peak))
-
-
-def _run_case(impl, b, args, device):
-    """_bench_case in a spawned process; (seconds, bytes), or None if it failed (e.g. out of memory)."""
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    timed = args.repeats if b <= 8192 else 0                             # large b: the first run only
-    proc = ctx.Process(target=_bench_case, args=(queue, impl, b, device, timed, args))
-    proc.start()
-    proc.join()
-    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
-
-
-def _available_bytes(device):
-    """Free memory now: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _fmt(x, scale, digits):
-    return "—" if x is None else f"{x * scale:.{digits}f}"
-
-
-def bench(argv=None):
-    """Reference vs fused AlignCLIP loss (separate="image", rescale=True): forward+backward time and
-    peak extra memory for several batch sizes, then the largest batch the fused loss runs."""
-    p = argparse.ArgumentParser(prog="alignclip.py bench", description=bench.__doc__)
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192, 16384],
-                   help="batch sizes b to compare")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, or auto (cpu, and cuda too when available)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="fp32: float32 embeddings, no autocast (the default); bf16/fp16: embeddings "
-                        "in that dtype and the loss called inside torch.autocast of it, as in a "
-                        "mixed-precision training step (CPU: bf16 only)")
-    p.add_argument("--max-batch-search", dest="search", action="store_true", default=True,
-                   help="after the table, double b from 32768 until the fused loss fails or would "
-                        "be too slow (the default)")
-    p.add_argument("--no-search", dest="search", action="store_false", help="skip that search")
-    p.add_argument("--max-seconds", type=float, default=900,
-                   help="the search skips a batch whose forward+backward would take longer (estimated)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs after the first for b <= 8192 (larger b: the first run is timed)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--block-size", type=int, default=1024, help="rows per strip of the fused loss")
-    p.add_argument("--dim", type=int, default=768, help="embedding width d = d_s")
-    args = p.parse_args(argv)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" \
-        else [args.device]
-    if args.precision == "fp16" and any(torch.device(d).type == "cpu" for d in devices):
-        p.error("--precision fp16 needs --device cuda: autocast on CPU supports bf16 only "
-                "(use --precision bf16 there)")
-    if any(torch.device(d).type == "cuda" for d in devices) and not torch.cuda.is_available():
-        p.error("--device cuda, but torch sees no CUDA device here")
-    for device in devices:
-        _bench_device(args, device)
-
-
-def _bench_device(args, device):
-    precision = "float32" if args.precision == "fp32" else \
-        f"{args.precision} embeddings under {args.precision} autocast (both losses compute in float32)"
-    print(f"\n== {device}: forward+backward of alignclip_loss (separate='image', rescale=True), "
-          f"d = d_s = {args.dim}, {precision}, {args.threads} threads, block_size {args.block_size}",
-          flush=True)
-    rows, ref_per_b2 = [], None                                          # reference bytes / b^2
-    for b in args.sizes:
-        results = {}
-        for impl in ("reference", "fused"):
-            need, free = (ref_per_b2 or 0) * b * b, _available_bytes(device)
-            if impl == "reference" and free is not None and need > 0.8 * free:
-                print(f"  b={b:>6} {impl:>9}: skipped, needs about {need / 2**30:.1f} GiB", flush=True)
-                results[impl] = None
-                continue
-            results[impl] = r = _run_case(impl, b, args, device)
-            print(f"  b={b:>6} {impl:>9}: " + ("failed" if r is None else
-                  f"{r[0] * 1e3:10.1f} ms  {r[1] / 2**20:8.1f} MB"), flush=True)
-            if impl == "reference" and r is not None:
-                ref_per_b2 = r[1] / b / b                                # from the largest b so far
-        rows.append((b, results["reference"], results["fused"]))
-    print(f"\n{'b':>7} | {'reference ms':>12} | {'fused ms':>10} | {'time f/r':>8} | "
-          f"{'reference MB':>12} | {'fused MB':>9} | {'memory f/r':>10}")
-    for b, r, f in rows:
-        ratio = lambda i: None if r is None or f is None or r[i] <= 0 else f[i] / r[i]  # noqa: E731
-        print(f"{b:>7} | {_fmt(r and r[0], 1e3, 1):>12} | {_fmt(f and f[0], 1e3, 1):>10} | "
-              f"{_fmt(ratio(0), 1, 2):>8} | {_fmt(r and r[1], 2**-20, 1):>12} | "
-              f"{_fmt(f and f[1], 2**-20, 1):>9} | {_fmt(ratio(1), 1, 3):>10}", flush=True)
-    if args.search:
-        _search_max_batch(args, device, rows)
-
-
-def _search_max_batch(args, device, rows):
-    """Double b from 32768 while the fused loss completes, fits and stays under --max-seconds."""
-    last = max(((b, f) for b, _, f in rows if f is not None), default=None)
-    b, best = 32768, None
-    print(f"\nlargest batch for the fused loss on {device} (from 32768, doubling):", flush=True)
-    while True:
-        if last is not None:
-            scale = b / last[0]
-            est_s, est_bytes, free = last[1][0] * scale**2, last[1][1] * scale, _available_bytes(device)
-            if est_s > args.max_seconds:
-                print(f"  b={b:>7}: not tried, would take about {est_s:.0f} s (--max-seconds "
-                      f"{args.max_seconds:.0f})", flush=True)
-                break
-            if free is not None and est_bytes + 3 * b * args.dim * 4 > 0.8 * free:
-                print(f"  b={b:>7}: not tried, would need about {est_bytes / 2**30:.1f} GiB", flush=True)
-                break
-        r = _run_case("fused", b, args, device)
-        print(f"  b={b:>7}: " + ("failed" if r is None else
-              f"{r[0]:.1f} s, {r[1] / 2**20:.0f} MB extra"), flush=True)
-        if r is None:
-            break
-        best, last, b = b, (b, r), 2 * b
-    print(f"largest batch completed: {best if best else '—'}", flush=True)
-
-
-# -----------------------------------------------------------------------------
-# Evaluation metrics (method.md section 3) on top of the loss section's alignment_score and
-# modality_gap: retrieval recall, top-k accuracy, and zero-shot classifiers built from prompts.
-# -----------------------------------------------------------------------------
-
-
-def _ranked(scores, k):
-    """Indices of the k highest scores of each row, best first, ties broken by the lower index
-    (torch.topk's order among equal values is unspecified)."""
-    return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
-
-
-def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict:
-    """Recall@k in percent, both directions, for n images and m >= n captions.
-
-    text_to_image[j] is the index of the image that caption j describes, so an image may have
-    several captions. Image->text: a hit if ANY of the image's captions is among its k most similar
-    captions. Text->image: a hit if the caption's own image is among its k most similar images.
-    k larger than the gallery counts as the whole gallery. Ties are broken by index (the lower
-    index ranks first), so an untrained model with equal scores gives a reproducible answer.
-    """
-    text_to_image = torch.as_tensor(text_to_image, device=image_emb.device)
-    sim = image_emb.float() @ text_emb.float().T                       # (n, m)
-    n, m = sim.shape
-    owns = text_to_image[None, :] == torch.arange(n, device=sim.device)[:, None]  # (n, m) caption j is image i's
-    out = {}
-    for k in ks:
-        top_t = _ranked(sim, k)                                        # (n, k) best captions per image
-        out[f"i2t_R@{k}"] = 100.0 * owns.gather(1, top_t).any(dim=1).float().mean().item()
-    for k in ks:
-        top_i = _ranked(sim.T, k)                                      # (m, k) best images per caption
-        out[f"t2i_R@{k}"] = 100.0 * (top_i == text_to_image[:, None]).any(dim=1).float().mean().item()
-    return out
-
-
-def accuracy(logits, targets, topk=(1, 5)) -> dict:
-    """Top-k accuracy in percent: {k: percent}; k larger than the number of classes counts all.
-    Ties are broken by the lower class index."""
-    top = _ranked(logits, max(topk))                                    # (N, kmax)
-    hit = top == targets[:, None]                                      # (N, kmax)
-    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in topk}
-
-
-@torch.no_grad()
-def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
-    """(C, D) class embeddings: for each class, the mean of the normalised text embeddings of the
-    class name put into every template, re-normalised (CLIP's prompt ensembling)."""
-    ctx = model.config.context_length
-    rows = []
-    for name in classnames:
-        tokens = tokenize(tokenizer, [t.format(name) for t in templates], ctx).to(device)  # (n_templates, T')
-        rows.append(F.normalize(model.encode_text(tokens).float().mean(dim=0), dim=-1))
-    return torch.stack(rows)                                            # (C, D)
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.Tensor:
-    """(N, D) float32 text embeddings of a list of strings, in batches."""
-    ctx = model.config.context_length
-    out = [model.encode_text(tokenize(tokenizer, texts[i:i + batch_size], ctx).to(device)).float()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out).cpu()
-
-
-@torch.no_grad()
-def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
-    """(N, D) float32 image embeddings from an iterable of (B, 3, H, W) tensors (e.g. a DataLoader).
-    bf16 autocast on CUDA; `progress` wraps the iterable (e.g. tqdm) if given."""
-    use_amp = torch.device(device).type == "cuda"
-    out = []
-    for images in (progress(batches) if progress else batches):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out)
-
-
-# -----------------------------------------------------------------------------
 # Data: image-caption pairs, augmentation, batching, and the sentence-encoder (SBERT) cache.
 #
 # Three sources of (image, caption) pairs:
@@ -1580,7 +1328,7 @@ def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
 # Collate drops it and counts it in batch["skipped"].
 #
 # The images travel as uint8. DataLoader workers decode the bytes (torchvision), crop and resize to
-# uint8 (3, S, S); the batch goes to the device as uint8 (4x less to copy than float32) and
+# uint8 (3, size, size); the batch goes to the device as uint8 (4x less to copy than float32) and
 # normalize_images converts it there. Shards are shuffled as raw bytes, decoded after the shuffle.
 #
 # Exact resume. Every random choice of the input pipeline is a pure function of its coordinates:
@@ -1611,8 +1359,8 @@ def seeded_generator(*parts) -> torch.Generator:
 
 
 def random_resized_crop_params(height, width, scale, ratio, generator=None):
-    """(top, left, h, w) of a random crop: torchvision's RandomResizedCrop.get_params, step for step,
-    but drawing from `generator` instead of the global RNG (same numbers for the same seed)."""
+    """(top, left, height, width) of a random crop: torchvision's RandomResizedCrop.get_params, step
+    for step, but drawing from `generator` instead of the global RNG (same numbers for the same seed)."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
@@ -1636,12 +1384,12 @@ def random_resized_crop_params(height, width, scale, ratio, generator=None):
 
 
 class ImageTransform:
-    """Image -> uint8 (3, S, S) tensor. Call as transform(img, generator); img is a uint8 (C, H, W)
-    tensor (read_image) or a PIL image (converted first).
+    """Image -> uint8 (3, size, size) tensor. Call as transform(img, generator); img is a uint8
+    (3, height, width) tensor (read_image) or a PIL image (converted first).
 
     train=True: random resized crop (area scale 0.9-1.0, aspect 3/4-4/3), drawn from `generator`
     (the global RNG if None, which is then not reproducible across workers).
-    train=False: resize the shorter side to S, centre crop S x S (CLIP's evaluation transform);
+    train=False: resize the shorter side to size, centre crop size x size (CLIP's evaluation transform);
     generator unused. Both resize bicubic with antialiasing, as CLIP (torchvision's tensor kernel).
     The output stays uint8, 4x smaller than float32 between processes: normalize_images converts it
     on the device. A plain class, so it pickles into DataLoader workers.
@@ -1652,13 +1400,13 @@ class ImageTransform:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
 
     def __call__(self, img, generator=None):
-        img = img if isinstance(img, torch.Tensor) else pil_to_uint8(img)   # (3, H, W) uint8
+        img = img if isinstance(img, torch.Tensor) else pil_to_uint8(img)   # (3, height, width) uint8
         size, bicubic = self.image_size, InterpolationMode.BICUBIC
         if self.train:
             i, j, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], self.scale, self.ratio,
                                                     generator)
-            return TF.resized_crop(img, i, j, h, w, [size, size], bicubic, antialias=True)  # (3, S, S)
-        return TF.center_crop(TF.resize(img, [size], bicubic, antialias=True), [size, size])  # (3, S, S)
+            return TF.resized_crop(img, i, j, h, w, [size, size], bicubic, antialias=True)  # (3, size, size)
+        return TF.center_crop(TF.resize(img, [size], bicubic, antialias=True), [size, size])  # (3, size, size)
 
     def __repr__(self):
         return f"ImageTransform(image_size={self.image_size}, train={self.train})"
@@ -1670,18 +1418,18 @@ def image_transform(image_size, train):
 
 
 def normalize_images(images, dtype=torch.float32):
-    """uint8 (B, 3, S, S) images, already on the device -> CLIP's normalised input: (x / 255 - mean) / std,
+    """uint8 (B, 3, size, size) images, already on the device -> CLIP's normalised input: (x / 255 - mean) / std,
     the division by 255 folded into the mean and std. Floating-point input is taken as already
     normalised and returned unchanged."""
     if images.is_floating_point():
         return images
     mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=images.device).view(3, 1, 1) * 255
     std = torch.tensor(CLIP_STD, dtype=dtype, device=images.device).view(3, 1, 1) * 255
-    return (images.to(dtype) - mean) / std                                         # (B, 3, S, S)
+    return (images.to(dtype) - mean) / std                                         # (B, 3, size, size)
 
 
 def read_image(source):
-    """uint8 (3, H, W) RGB tensor from a path or bytes; None if it cannot be read.
+    """uint8 (3, height, width) RGB tensor from a path or bytes; None if it cannot be read.
 
     torchvision decodes (JPEG, PNG, WebP, GIF, ...; grey, palette and CMYK become RGB, alpha is
     dropped); what it cannot decode (BMP, TIFF, ...) goes through PIL. 16-bit images keep their
@@ -1709,7 +1457,7 @@ def _torchvision_decode(data):
 
 
 def pil_to_uint8(img):
-    """PIL image -> uint8 (3, H, W) RGB tensor; 16-bit grey (mode I;16, I) scaled to 8 bits."""
+    """PIL image -> uint8 (3, height, width) RGB tensor; 16-bit grey (mode I;16, I) scaled to 8 bits."""
     if img.mode.startswith("I"):
         grey = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8   # PIL's convert("RGB") would clip at 255
         img = Image.fromarray(grey.astype(np.uint8))
@@ -1979,7 +1727,7 @@ class CsvPairs(Dataset):
     """Rows of a CSV (or TSV) file: image path in column image_key, caption in caption_key.
 
     sep=None: tab for .tsv, comma otherwise. Relative paths resolve against root (default: the
-    CSV's folder). Item i is (uint8 (3, H, W) RGB tensor, caption) or None if the image cannot be
+    CSV's folder). Item i is (uint8 (3, height, width) RGB tensor, caption) or None if the image cannot be
     read or the caption is empty. A missing file or column, or text that is not UTF-8, fails here,
     before any training starts; options= names how the caller's user sets image_key, caption_key and
     sep (train.py: its --csv-* flags) for the error messages.
@@ -2155,7 +1903,7 @@ def _shuffled(items, buffer_size, rng):
 
 class TarShards(IterableDataset):
     """WebDataset-style shards ({key}.jpg|png|webp + {key}.txt [+ {key}.json]) as a stream of
-    {"image": uint8 (3, S, S) tensor, "caption": str}, or None for a bad sample (undecodable image,
+    {"image": uint8 (3, size, size) tensor, "caption": str}, or None for a bad sample (undecodable image,
     empty caption, image or text missing, a damaged end of a shard).
 
     Shards are shuffled per epoch by (seed, epoch), then dealt round-robin to the rank x worker
@@ -2240,7 +1988,7 @@ class TarShards(IterableDataset):
 
 
 class PairDataset(Dataset):
-    """Map-style {"image": uint8 (3, S, S), "caption"} items over a source whose item i is (image, caption)
+    """Map-style {"image": uint8 (3, size, size), "caption"} items over a source whose item i is (image, caption)
     or None; the image a uint8 tensor (CsvPairs) or a PIL image (SyntheticScenes).
 
     Keys are (epoch, index) tuples, as ResumableSampler yields them (a plain int means epoch 0, for
@@ -2304,7 +2052,7 @@ class ResumableSampler(Sampler):
 
 class Collate:
     """List of items ({"image", "caption"} or None) -> batch dict:
-    image (B, 3, S, S) uint8 (normalize_images makes the model's input, on the device), tokens (B, T')
+    image (B, 3, size, size) uint8 (normalize_images makes the model's input, on the device), tokens (B, T')
     long (with the project's Tokenizer, trimmed to the batch's longest caption: see
     trim_text_padding), semantic (B, d_s) float32 (None without a cache), caption list[str], skipped
     int (the None items dropped). If every item is None the batch has 0 items (caption == [], image
@@ -2319,7 +2067,7 @@ class Collate:
         kept = [x for x in items if x is not None]
         captions = [x["caption"] for x in kept]
         if kept:
-            image = torch.stack([x["image"] for x in kept])                        # (B, 3, S, S)
+            image = torch.stack([x["image"] for x in kept])                        # (B, 3, size, size)
             tokens = tokenize(self.tokenizer, captions, self.context_length)       # (B, T')
         else:
             image = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
@@ -2331,7 +2079,7 @@ class Collate:
 
 # -----------------------------------------------------------------------------
 # Semantic cache: sentence-encoder (SBERT) embeddings of every training caption, computed once and
-# memory-mapped, so that the IMSep loss's D = 1 - S costs a table lookup per step (the authors'
+# memory-mapped, so that the IMSep loss's 1 - S costs a table lookup per step (the authors'
 # code runs SBERT inside every training step).
 # -----------------------------------------------------------------------------
 
@@ -2393,7 +2141,7 @@ class SemanticCache:
     """caption -> sentence embedding (float16 on disk, float32 out), memory-mapped.
 
     Files in cache_dir, named by a hash of (model identifier, set of captions):
-        semantic-<hash>.npy          (N, d_s) float16, row k = embedding of the caption whose hash is hashes[k]
+        semantic-<hash>.npy          (captions, d_s) float16, row k = embedding of the caption whose hash is hashes[k]
         semantic-<hash>.hashes.npy   (N,) int64 caption hashes (caption_hashes), sorted
     A lookup hashes the batch's captions and finds their rows with np.searchsorted: no caption -> row
     dict, so a DataLoader worker holds two memory maps whatever the number of captions (10 million
@@ -2404,8 +2152,8 @@ class SemanticCache:
 
     def __init__(self, path):
         self.path = str(path)
-        self.embeddings = np.load(self.path, mmap_mode="r")                                # (N, d_s) float16
-        self.hashes = np.load(self.path[:-len(".npy")] + ".hashes.npy", mmap_mode="r")    # (N,) int64
+        self.embeddings = np.load(self.path, mmap_mode="r")                                # (captions, d_s) float16
+        self.hashes = np.load(self.path[:-len(".npy")] + ".hashes.npy", mmap_mode="r")    # (captions,) int64
 
     @property
     def dim(self):
@@ -2521,8 +2269,294 @@ def _atomic_write_text(path, text):
 
 
 # -----------------------------------------------------------------------------
+# Learning BPE merges from captions (Tokenizer.train): the most frequent adjacent pair, greedily
+# -----------------------------------------------------------------------------
+
+
+def learn_merges(texts, vocab_size, verbose=False):
+    """Learn merges from texts until vocab_size (which counts the 512 byte symbols and the
+    2 special tokens), or fewer if no pair occurs twice. Ties go to the smallest pair
+    (a, b), compared as strings, so the result does not depend on the order of texts.
+
+    Fast because no step looks at the whole corpus again: words are counted once, the
+    count of every pair and the words holding it are kept, a merge updates only the
+    words that hold its pair, and a heap with lazy deletion gives the best pair.
+    """
+    n_wanted = vocab_size - 2 * 256 - len(SPECIAL_TOKENS)
+    if n_wanted < 0:
+        raise ValueError(f"vocab_size must be at least 514, got {vocab_size}")
+    t0 = time.time()
+    words, freqs = _count_words(texts)  # word i as a list of symbols, and its count
+    counts, where = defaultdict(int), defaultdict(set)  # pair -> count, pair -> word ids
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            counts[pair] += f
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]  # entries may be stale, see below
+    heapq.heapify(heap)
+    if verbose:
+        print(f"train: {len(words):,} distinct words, {sum(freqs):,} in all, "
+              f"{len(counts):,} pairs ({time.time() - t0:.1f}s)")
+    merges, learned, every = [], set(), max(1, n_wanted // 20)
+    while len(merges) < n_wanted and heap:
+        neg_count, pair = heapq.heappop(heap)
+        # lazy deletion: an entry is current only if its count still is the pair's count.
+        # Subtle: a pair merged before can come back (a+bc and ab+c both make abc); it
+        # gets no second vocabulary entry, and encode would merge it at its first rank.
+        if -neg_count != counts.get(pair, 0) or pair in learned:
+            continue
+        if -neg_count < 2:
+            break
+        merges.append(pair)
+        learned.add(pair)
+        for p in _apply_merge(pair, words, freqs, counts, where):
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+        if verbose and len(merges) % every == 0:
+            print(f"train: merge {len(merges):,}/{n_wanted:,} {pair[0]!r} + {pair[1]!r} "
+                  f"(count {-neg_count:,}, {time.time() - t0:.1f}s)")
+    if verbose:
+        print(f"train: {len(merges):,} merges, vocab {vocab_size - n_wanted + len(merges):,}, "
+              f"{time.time() - t0:.1f}s")
+    return merges
+
+
+def _count_words(texts):
+    """Pre-tokenise every text once: distinct words as symbol lists, and their counts."""
+    byte_encoder, counts = bytes_to_unicode(), Counter()
+    for text in texts:
+        counts.update(pretokenize(text))
+    words = []
+    for word in counts:
+        symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        words.append(symbols)
+    return words, list(counts.values())
+
+
+def _apply_merge(pair, words, freqs, counts, where):
+    """Merge pair in every word holding it; update pair counts; return the changed pairs."""
+    delta = defaultdict(int)
+    for i in where.pop(pair, ()):
+        old = words[i]
+        new = _merge(old, *pair)
+        if len(new) == len(old):
+            continue  # the index is never pruned, so a word may no longer hold the pair
+        f = freqs[i]
+        for p in zip(old, old[1:]):
+            delta[p] -= f
+        for p in zip(new, new[1:]):
+            delta[p] += f
+            where[p].add(i)
+        words[i] = new
+    changed = [p for p, d in delta.items() if d]
+    for p in changed:
+        counts[p] += delta[p]
+    return changed
+
+
+# -----------------------------------------------------------------------------
+# The loss benchmark: python alignclip.py bench (reference against fused, time and memory)
+# -----------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bench_case(queue, impl, b, device, timed, args):
+    """One (implementation, batch size) case in a fresh process: the peak extra memory in bytes of
+    the first forward+backward over the inputs (CPU: peak RSS growth; CUDA: the allocator's peak),
+    and the median seconds of `timed` more (or of the first alone when timed = 0). With bf16/fp16
+    the embeddings are made in that dtype, as a model under autocast returns them, and the loss is
+    called inside torch.autocast of it."""
+    import resource
+    torch.set_num_threads(args.threads)
+    loss = alignclip_loss_reference if impl == "reference" else \
+        functools.partial(alignclip_loss, block_size=args.block_size)
+    cuda = torch.device(device).type == "cuda"
+    dtype = PRECISIONS[args.precision]
+
+    def inputs(n):
+        gen = torch.Generator(device=device).manual_seed(0)
+        randn = lambda: torch.randn(n, args.dim, device=device, generator=gen)  # noqa: E731
+        Ev, Et = (F.normalize(randn(), dim=-1).to(dtype).requires_grad_() for _ in range(2))
+        Es = randn().to(dtype)                                           # raw sentence embeddings
+        return Ev, Et, Es, torch.tensor(1 / 0.07, device=device, requires_grad=True)
+
+    def seconds(loss_args):
+        t0 = time.perf_counter()
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=args.precision != "fp32"):
+            value = loss(*loss_args)
+        value.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    seconds(inputs(64))                                                  # start thread pools, kernels
+    loss_args = inputs(b)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
+    first = seconds(loss_args)                                           # the memory peak is this run's
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(timed):
+        for t in loss_args:
+            t.grad = None
+        times.append(seconds(loss_args))
+    times = times or [first]
+    queue.put((statistics.median(times), peak))
+
+
+def _run_case(impl, b, args, device):
+    """_bench_case in a spawned process; (seconds, bytes), or None if it failed (e.g. out of memory)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    timed = args.repeats if b <= 8192 else 0                             # large b: the first run only
+    proc = ctx.Process(target=_bench_case, args=(queue, impl, b, device, timed, args))
+    proc.start()
+    proc.join()
+    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
+
+
+def _available_bytes(device):
+    """Free memory now: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _fmt(x, scale, digits):
+    return "—" if x is None else f"{x * scale:.{digits}f}"
+
+
+def bench(argv=None):
+    """Reference vs fused AlignCLIP loss (separate="image", rescale=True): forward+backward time and
+    peak extra memory for several batch sizes, then the largest batch the fused loss runs."""
+    p = argparse.ArgumentParser(prog="alignclip.py bench", description=bench.__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192, 16384],
+                   help="batch sizes b to compare")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, or auto (cpu, and cuda too when available)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32: float32 embeddings, no autocast (the default); bf16/fp16: embeddings "
+                        "in that dtype and the loss called inside torch.autocast of it, as in a "
+                        "mixed-precision training step (CPU: bf16 only)")
+    p.add_argument("--max-batch-search", dest="search", action="store_true", default=True,
+                   help="after the table, double b from 32768 until the fused loss fails or would "
+                        "be too slow (the default)")
+    p.add_argument("--no-search", dest="search", action="store_false", help="skip that search")
+    p.add_argument("--max-seconds", type=float, default=900,
+                   help="the search skips a batch whose forward+backward would take longer (estimated)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs after the first for b <= 8192 (larger b: the first run is timed)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--block-size", type=int, default=1024, help="rows per strip of the fused loss")
+    p.add_argument("--dim", type=int, default=768, help="embedding width d = d_s")
+    args = p.parse_args(argv)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" \
+        else [args.device]
+    if args.precision == "fp16" and any(torch.device(d).type == "cpu" for d in devices):
+        p.error("--precision fp16 needs --device cuda: autocast on CPU supports bf16 only "
+                "(use --precision bf16 there)")
+    if any(torch.device(d).type == "cuda" for d in devices) and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device here")
+    for device in devices:
+        _bench_device(args, device)
+
+
+def _bench_device(args, device):
+    precision = "float32" if args.precision == "fp32" else \
+        f"{args.precision} embeddings under {args.precision} autocast (both losses compute in float32)"
+    print(f"\n== {device}: forward+backward of alignclip_loss (separate='image', rescale=True), "
+          f"d = d_s = {args.dim}, {precision}, {args.threads} threads, block_size {args.block_size}",
+          flush=True)
+    rows, ref_per_b2 = [], None                                          # reference bytes / b^2
+    for b in args.sizes:
+        results = {}
+        for impl in ("reference", "fused"):
+            need, free = (ref_per_b2 or 0) * b * b, _available_bytes(device)
+            if impl == "reference" and free is not None and need > 0.8 * free:
+                print(f"  b={b:>6} {impl:>9}: skipped, needs about {need / 2**30:.1f} GiB", flush=True)
+                results[impl] = None
+                continue
+            results[impl] = r = _run_case(impl, b, args, device)
+            print(f"  b={b:>6} {impl:>9}: " + ("failed" if r is None else
+                  f"{r[0] * 1e3:10.1f} ms  {r[1] / 2**20:8.1f} MB"), flush=True)
+            if impl == "reference" and r is not None:
+                ref_per_b2 = r[1] / b / b                                # from the largest b so far
+        rows.append((b, results["reference"], results["fused"]))
+    print(f"\n{'b':>7} | {'reference ms':>12} | {'fused ms':>10} | {'time f/r':>8} | "
+          f"{'reference MB':>12} | {'fused MB':>9} | {'memory f/r':>10}")
+    for b, r, f in rows:
+        ratio = lambda i: None if r is None or f is None or r[i] <= 0 else f[i] / r[i]  # noqa: E731
+        print(f"{b:>7} | {_fmt(r and r[0], 1e3, 1):>12} | {_fmt(f and f[0], 1e3, 1):>10} | "
+              f"{_fmt(ratio(0), 1, 2):>8} | {_fmt(r and r[1], 2**-20, 1):>12} | "
+              f"{_fmt(f and f[1], 2**-20, 1):>9} | {_fmt(ratio(1), 1, 3):>10}", flush=True)
+    if args.search:
+        _search_max_batch(args, device, rows)
+
+
+def _search_max_batch(args, device, rows):
+    """Double b from 32768 while the fused loss completes, fits and stays under --max-seconds."""
+    last = max(((b, f) for b, _, f in rows if f is not None), default=None)
+    b, best = 32768, None
+    print(f"\nlargest batch for the fused loss on {device} (from 32768, doubling):", flush=True)
+    while True:
+        if last is not None:
+            scale = b / last[0]
+            est_s, est_bytes, free = last[1][0] * scale**2, last[1][1] * scale, _available_bytes(device)
+            if est_s > args.max_seconds:
+                print(f"  b={b:>7}: not tried, would take about {est_s:.0f} s (--max-seconds "
+                      f"{args.max_seconds:.0f})", flush=True)
+                break
+            if free is not None and est_bytes + 3 * b * args.dim * 4 > 0.8 * free:
+                print(f"  b={b:>7}: not tried, would need about {est_bytes / 2**30:.1f} GiB", flush=True)
+                break
+        r = _run_case("fused", b, args, device)
+        print(f"  b={b:>7}: " + ("failed" if r is None else
+              f"{r[0]:.1f} s, {r[1] / 2**20:.0f} MB extra"), flush=True)
+        if r is None:
+            break
+        best, last, b = b, (b, r), 2 * b
+    print(f"largest batch completed: {best if best else '—'}", flush=True)
+
+
+# -----------------------------------------------------------------------------
 # Putting it together: the validation numbers train.py prints (eval.py has every table)
 # -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, batch_size=256, device="cpu") -> torch.Tensor:
+    """(B, d) float32 text embeddings of a list of B strings, in batches."""
+    ctx = model.config.context_length
+    out = [model.encode_text(tokenize(tokenizer, texts[i:i + batch_size], ctx).to(device)).float()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def embed_images(model, batches, device="cpu", progress=None) -> torch.Tensor:
+    """(images, d) float32 image embeddings from an iterable of (B, 3, image_size, image_size) tensors
+    (e.g. a DataLoader).
+    bf16 autocast on CUDA; `progress` wraps the iterable (e.g. tqdm) if given."""
+    use_amp = torch.device(device).type == "cuda"
+    out = []
+    for images in (progress(batches) if progress else batches):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out)
 
 
 class _EvalImages(torch.utils.data.Dataset):
@@ -2560,11 +2594,11 @@ def evaluate_pairs(model, tokenizer, dataset, device="cpu", batch_size=256, work
     loader = DataLoader(_EvalImages(dataset, indices, image_transform(model.config.image_size, train=False)),
                         batch_size=batch_size, num_workers=workers)
     batches = (normalize_images(x.to(device, non_blocking=True)) for x in loader)  # uint8 -> float on the device
-    image_emb = embed_images(model, batches, device=device)                       # (n, D)
+    image_emb = embed_images(model, batches, device=device)                       # (images, d)
     captions = [_captions_of(dataset, i) for i in indices]
     texts = [c for caps in captions for c in caps]
     owner = [k for k, caps in enumerate(captions) for _ in caps]
-    text_emb = embed_texts(model, tokenizer, texts, batch_size=batch_size, device=device)  # (m, D)
+    text_emb = embed_texts(model, tokenizer, texts, batch_size=batch_size, device=device)  # (captions, d)
     counts = torch.tensor([len(caps) for caps in captions])
     first = counts.cumsum(0) - counts                                             # (n,) each image's first caption
     score = alignment_score(image_emb, text_emb[first]).item()

@@ -189,7 +189,7 @@ def test_train_is_deterministic_and_round_trips():
 
 def _train_by_recounting(texts, n_merges):
     """The plain reference: recount every pair of the whole corpus before each merge."""
-    words, freqs = A.Tokenizer._count_words(texts)
+    words, freqs = A._count_words(texts)
     merges = []
     while len(merges) < n_merges:
         counts = {}
