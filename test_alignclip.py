@@ -732,6 +732,37 @@ def test_collate_trims_the_batch_to_its_longest_caption():
 # =============================================================================
 # ----------------------------------------------------------------------------- losses
 
+def test_loss_section_runs_alone_with_the_imports_its_banner_lists():
+    """The Losses section is meant to be copied into another codebase: run its text alone in a fresh
+    interpreter, with only the imports its banner names, and check it against the reference."""
+    import subprocess
+    script = r"""
+import re, sys
+src = open(sys.argv[1], encoding="utf-8").read().split("\n")
+start = next(i for i, l in enumerate(src) if l.startswith("# Losses:")) - 1
+end = next(i for i, l in enumerate(src) if l.startswith("# Metrics:")) - 1
+section = "\n".join(src[start:end])
+imports = "\n".join(m.strip() for m in re.findall(r"^#     ((?:from|import) .*)$", section, re.M))
+ns = {}
+exec(imports + "\n" + section, ns)
+import torch
+g = torch.Generator().manual_seed(0)
+Ev, Et = (torch.nn.functional.normalize(torch.randn(12, 5, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+Es = torch.randn(12, 7, generator=g, dtype=torch.float64)
+fused = ns["alignclip_loss"](Ev, Et, Es, 14.0, block_size=5)
+ref = ns["alignclip_loss_reference"](Ev, Et, Es, 14.0)
+strips = ns["contrastive_ce_strips"](Ev, Et, 14.0, both_directions=True, block_size=5)
+assert abs(fused - ref).item() < 1e-12 and abs(strips - 2 * ns["clip_loss"](Ev, Et, 14.0)).item() < 1e-12
+assert not any(k in ns for k in ("np", "Image", "regex", "ftfy", "A"))
+print("ok", start + 1)
+"""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alignclip.py")
+    done = subprocess.run([sys.executable, "-I", "-c", script, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first_line = int(done.stdout.split()[1])
+    assert first_line < 650, f"the loss section starts at line {first_line}: a reader meets it too late"
+
+
 
 def loss_inputs(b, d=6, d_s=5, dtype=torch.float64, seed=0, scale=7.5):
     """Normalised image/text embeddings and a logit scale that require grad; raw semantic rows."""
