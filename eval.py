@@ -52,6 +52,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 import alignclip as A
+import train as T
 
 
 class UsageError(Exception):
@@ -709,32 +710,13 @@ def flatten_captions(captions, prompt=None):
 # -----------------------------------------------------------------------------
 
 
-def format_table(title, header, rows):
-    """A plain-text table: first column left-aligned, the rest right-aligned."""
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    rule = "-" * len(line([str(h) for h in header]))
-    return "\n".join([title, rule, line([str(h) for h in header]), rule, *map(line, rows), rule])
-
-
 def model_table(title, results, cell, datasets=None):
     """Rows: checkpoints; columns: data sets; results[dataset][label] -> cell(metrics)."""
     datasets = datasets or list(results)
     labels = list(dict.fromkeys(label for d in datasets for label in results[d]))
     rows = [[label] + [cell(results[d][label]) if label in results[d] else "-" for d in datasets]
             for label in labels]
-    return format_table(title, ["model"] + datasets, rows)
-
-
-def write_json(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    return T.format_table(title, ["model"] + datasets, rows)
 
 
 def new_figure(n_panels, projection=None, size=4.0):
@@ -790,9 +772,7 @@ def mean_std(per_dataset, groups):
             metrics = [per_run[r] for r in runs if r in per_run]
             if len(metrics) < 2:
                 continue
-            keys = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            out.setdefault(dataset, {})[model] = {
-                k: [statistics.mean(m[k] for m in metrics), statistics.stdev(m[k] for m in metrics)] for k in keys}
+            out.setdefault(dataset, {})[model] = T.mean_std(metrics)
     return out
 
 
@@ -804,10 +784,10 @@ def mean_std_table(stats, groups):
             for key, short, fmt in metrics:
                 cells = [per_model.get(m, {}).get(key) for m in groups]
                 rows.append([f"{short}, {dataset}"] +
-                            ["-" if c is None else f"{c[0]:{fmt}} +- {c[1]:{fmt}}" for c in cells])
+                            ["-" if c is None else T.mean_std_cell(c, fmt) for c in cells])
     runs = {len(r) for r in groups.values()}
     n = f"{runs.pop()} runs" if len(runs) == 1 else "its runs"
-    return format_table(f"Mean +- sample std over {n} of each --label", ["metric"] + list(groups), rows)
+    return T.format_table(f"Mean +- sample std over {n} of each --label", ["metric"] + list(groups), rows)
 
 
 # -----------------------------------------------------------------------------
@@ -964,6 +944,7 @@ def train_probe(x, y, n_classes, args, device):
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.probe_lr, weight_decay=args.probe_weight_decay)
+    schedule = argparse.Namespace(lr=args.probe_lr, warmup=0)   # cosine decay from the first step
     per_epoch = math.ceil(len(x) / args.probe_batch_size)
     total = args.probe_epochs * per_epoch
     g = torch.Generator().manual_seed(args.seed)
@@ -973,7 +954,7 @@ def train_probe(x, y, n_classes, args, device):
             order = torch.randperm(len(x), generator=g).to(device)
         idx = order[(step % per_epoch) * args.probe_batch_size:][:args.probe_batch_size]
         for group in opt.param_groups:
-            group["lr"] = 0.5 * args.probe_lr * (1 + math.cos(math.pi * step / total))
+            group["lr"] = T.learning_rate(step, total, schedule)
         loss = F.cross_entropy(probe(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1061,14 +1042,13 @@ def semantic_cache(all_captions, settings, args):
                                  "semantic"), device=args.device)
 
 
-def make_finetune_optimizer(model, args):
-    """AdamW as in training: no weight decay on gains, biases, embeddings and the logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embedding" in name or name == "logit_scale" else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.finetune_weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.finetune_lr, betas=(0.9, 0.98), eps=1e-6)
+def finetune_options(settings, args):
+    """train.py's options (its defaults) with the fine-tuning's loss, learning rate and weight decay:
+    what its make_optimizer, learning_rate and train_step read. No warm-up: cosine decay from the start."""
+    return argparse.Namespace(**dict(vars(T.parse_args([])), model=settings["loss"], alpha=settings["alpha"],
+                                     beta=settings["beta"], separate=settings["separate"],
+                                     no_rescale=not settings["rescale"], lr=args.finetune_lr,
+                                     wd=args.finetune_weight_decay, warmup=0))
 
 
 def pick_caption(captions, seed, epoch, i):
@@ -1076,20 +1056,9 @@ def pick_caption(captions, seed, epoch, i):
     return captions[A.derive_seed("caption", seed, epoch, i) % len(captions)]
 
 
-def finetune_loss(model, images, captions, tokenizer, settings, cache, device):
-    tokens = A.tokenize(tokenizer, captions, model.config.context_length).to(device)   # (B, T') trimmed
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        img, txt, scale = model(A.normalize_images(images.to(device, non_blocking=True)), tokens)
-    img, txt, scale = img.float(), txt.float(), scale.float()
-    if settings["loss"] == "clip":
-        return A.clip_loss(img, txt, scale)
-    sem = cache.lookup(captions).to(device) if settings["rescale"] else None
-    return A.alignclip_loss(img, txt, sem, scale, alpha=settings["alpha"], beta=settings["beta"],
-                            separate=settings["separate"], rescale=settings["rescale"])
-
-
 def finetune(enc, train_set, name, args):
-    """Fine-tune a copy of enc's model on train_set with its training loss; returns the saved path."""
+    """Fine-tune a copy of enc's model on train_set with its training loss, by train.py's optimizer,
+    schedule and step (bf16 autocast on CUDA); returns the saved path."""
     settings = loss_settings(enc, args)
     epochs = args.finetune_epochs or FINETUNE_EPOCHS.get(name, 8)
     used = {pick_caption(caps, args.seed, epoch, i) for epoch in range(epochs)   # only these are looked up
@@ -1097,7 +1066,8 @@ def finetune(enc, train_set, name, args):
     cache = semantic_cache(sorted(used), settings, args) if settings["loss"] == "alignclip" and settings["rescale"] \
         else None
     model, device = copy.deepcopy(enc.model).float().train(), enc.device
-    opt = make_finetune_optimizer(model, args)
+    options = finetune_options(settings, args)
+    opt, dtype = T.make_optimizer(model, options, device), torch.bfloat16 if device.type == "cuda" else None
     transform, base = A.image_transform(model.config.image_size, train=True), train_set.base
     batch = min(args.finetune_batch_size, len(base))
     total, step = epochs * (len(base) // batch), 0
@@ -1111,12 +1081,11 @@ def finetune(enc, train_set, name, args):
                     continue
                 images, idx = images_idx
                 captions = [pick_caption(train_set.captions[i], args.seed, epoch, i) for i in idx]
-                for group in opt.param_groups:   # cosine decay from --finetune-lr to 0
-                    group["lr"] = 0.5 * args.finetune_lr * (1 + math.cos(math.pi * step / max(1, total)))
-                loss = finetune_loss(model, images, captions, enc.tokenizer, settings, cache, device)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                tokens = A.tokenize(enc.tokenizer, captions, model.config.context_length)   # (B, T') trimmed
+                pairs = {"image": images, "tokens": tokens,
+                         "semantic": cache.lookup(captions) if cache is not None else None}
+                lr = T.learning_rate(step, total, options)
+                loss, _, _ = T.train_step(model, opt, None, dtype, pairs, options, lr)
                 step += 1
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -1222,8 +1191,8 @@ def task_similarity(encoders, args):
         img, labels = enc.images(s)
         sim = img @ enc.texts(texts).T                                      # (n_images, n_texts)
         results[enc.label] = sim.tolist()
-        print(format_table(f"Table 8: cosine similarity, {enc.label}", ["image"] + header,
-                           [[rows[i]] + [f"{v:.3f}" for v in sim[k].tolist()] for k, i in enumerate(labels)]))
+        print(T.format_table(f"Table 8: cosine similarity, {enc.label}", ["image"] + header,
+                             [[rows[i]] + [f"{v:.3f}" for v in sim[k].tolist()] for k, i in enumerate(labels)]))
     print("\n".join(legend))
     return results
 
@@ -1290,7 +1259,7 @@ def task_curves(args):
         last = [run[-1] for run in runs]
         rows.append([label, "/".join(str(s) for s in dict.fromkeys(s for s, _ in last))]
                     + [f"{statistics.mean(v[k] for _, v in last):.3f}" for k, _ in CURVES])
-    print(format_table("Last validation point (mean over runs)", ["model", "step"] + [k for k, _ in CURVES], rows))
+    print(T.format_table("Last validation point (mean over runs)", ["model", "step"] + [k for k, _ in CURVES], rows))
     return path
 
 
@@ -1546,8 +1515,8 @@ def run_all(encoders, args):
         results[task] = run_task(task, encoders, names, args, task_skipped)
         skipped.update({f"{task}/{name}": why for name, why in task_skipped.items()})
         todo.remove(task)   # written at once: an interrupted `all` keeps every finished table
-        write_json({"command": "all", "checkpoints": {e.label: p for e, p in zip(encoders, args.checkpoint)},
-                    "unfinished": todo, **results, "skipped": skipped}, os.path.join(args.out, "results.json"))
+        T.write_json({"command": "all", "checkpoints": {e.label: p for e, p in zip(encoders, args.checkpoint)},
+                      "unfinished": todo, **results, "skipped": skipped}, os.path.join(args.out, "results.json"))
     by_name = {}
     for what, why in skipped.items():
         task, _, name = what.partition("/")
@@ -1579,7 +1548,7 @@ def summary_table(results, labels):
             for key, short, fmt in metrics:
                 values = [per_model.get(label, {}).get(key) for label in labels]
                 rows.append([f"{short}, {dataset}"] + ["-" if v is None else format(v, fmt) for v in values])
-    return format_table("Summary", ["metric"] + labels, rows)
+    return T.format_table("Summary", ["metric"] + labels, rows)
 
 
 def main(argv=None):
@@ -1611,7 +1580,7 @@ def main(argv=None):
             print(mean_std_table(stats, groups))
         results["mean_std"] = stats
     results = {"command": args.command, "checkpoints": dict(zip(labels, args.checkpoint)), **results}
-    write_json(results, os.path.join(args.out, name))
+    T.write_json(results, os.path.join(args.out, name))
     print(f"wrote {os.path.join(args.out, name)}")
     return results
 

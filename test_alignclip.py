@@ -2388,6 +2388,25 @@ def test_finetune_saves_a_loadable_checkpoint_and_reports_retrieval(ev, monkeypa
     assert not torch.equal(before.projection, model.projection), "fine-tuning changed nothing"
 
 
+def test_finetune_takes_train_py_steps_on_its_cosine_schedule(ev, monkeypatch, one_thread):
+    # eval.py's fine-tuning has no loop of its own: train.py's optimizer, schedule and train_step
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
+    calls, real = [], T.train_step
+
+    def step(model, optimizer, scaler, dtype, batch, args, lr, sizes=None):
+        calls.append((lr, args.model, args.alpha, optimizer.param_groups[0]["weight_decay"],
+                      optimizer.param_groups[0]["betas"], len(batch["tokens"]), batch["semantic"] is not None))
+        return real(model, optimizer, scaler, dtype, batch, args, lr, sizes)
+    monkeypatch.setattr(T, "train_step", step)
+    run_eval(ev, "finetune-retrieval", "--finetune-synthetic-size", "6", "--finetune-epochs", "2",
+             "--finetune-batch-size", "3", "--finetune-lr", "1e-3", "--alpha", "0.75",
+             "--semantic-model", "fake-sbert", checkpoints=("align",))
+    assert len(calls) == 4                                      # 2 epochs x 6 images / 3
+    assert [c[0] for c in calls] == [0.5 * 1e-3 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    wd = E.build_parser().parse_args(["finetune-retrieval", "--checkpoint", "x"]).finetune_weight_decay
+    assert all(c[1:] == ("alignclip", 0.75, wd, (0.9, 0.98), 3, True) for c in calls)
+
+
 def test_finetune_foreign_checkpoint_defaults_to_clip_loss(ev, one_thread):
     res = run_eval(ev, "finetune-retrieval", "--finetune-epochs", "1", "--finetune-batch-size", "4",
                    "--tokenizer", ev["merges"], "--heads", "1", checkpoints=("foreign",))
@@ -2924,10 +2943,10 @@ def test_a_training_step_makes_no_host_sync(model, precision):
     raw, cpu = A.CLIP(config), torch.device("cpu")
     optimizer, dtype = T.make_optimizer(raw, args, cpu), T.autocast_dtype(precision, cpu)
     batch = T.random_batch(config, 6, 10)
-    T.train_step(raw, optimizer, None, dtype, batch, args, cpu, 1, 1e-4)    # creates the optimizer state
+    T.train_step(raw, optimizer, None, dtype, batch, args, 1e-4)    # creates the optimizer state
     steps = [s["step"] for s in optimizer.state.values()]
     with _HostReads(allowed=steps) as reads:
-        loss, parts, gnorm = T.train_step(raw, optimizer, None, dtype, batch, args, cpu, 1, 1e-4)
+        loss, parts, gnorm = T.train_step(raw, optimizer, None, dtype, batch, args, 1e-4)
     assert reads.seen == []
     assert torch.is_tensor(loss) and torch.is_tensor(gnorm) and all(map(torch.is_tensor, parts.values()))
 
@@ -3464,3 +3483,15 @@ def test_eval_curves_says_what_is_missing(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             E.main(["curves", *argv, "--out", str(tmp_path / "o")])
         assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_the_scripts_functions_stay_short():
+    # the training loop fits one screen (run_loop), and no function of train.py or eval.py grows past
+    # ~50 lines or 8 parameters: run state travels in train.Run, not in argument lists or tuples
+    import ast
+    for script in ("train.py", "eval.py"):
+        tree = ast.parse(Path(__file__).with_name(script).read_text())
+        for f in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            a = f.args
+            params = len(a.posonlyargs + a.args + a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+            assert f.end_lineno - f.lineno + 1 <= 55 and params <= 8, (script, f.name)

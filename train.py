@@ -17,6 +17,10 @@ written atomically; --resume continues where a run stopped: on CPU with bitwise 
 uninterrupted run; on a GPU with the same batches, schedule and optimizer state, but not bitwise the
 same weights (CUDA's kernels are not deterministic by default).
 Left out on purpose: gradient accumulation, patch dropout, EMA, mixed datasets.
+
+Reading order: run_loop is the whole loop on one screen (learning rate, train_step, log, validate,
+checkpoint), train_step one optimisation step, Run what a run holds; Bookkeeping keeps the rest
+(Ctrl-C, the torchrun ranks' agreement, the NaN rule, empty batches, time estimate) out of the loop.
 """
 import argparse
 import hashlib
@@ -33,7 +37,8 @@ import tarfile
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +53,15 @@ import alignclip as A
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_group in (model_options, data_options, optimisation_options, run_options, bench_options):
+        add_group(p)
+    args = p.parse_args(argv)
+    args.workers = default_workers() if args.workers is None else args.workers
+    check_args(args)
+    return args
+
+
+def model_options(p):
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", choices=["clip", "shared", "alignclip"], default="alignclip",
                    help="clip: two towers, CLIP loss; shared: SharedCLIP, CLIP loss; alignclip: "
@@ -70,6 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (the first steps are slow while it compiles)")
 
+
+def data_options(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (built in), a .csv/.tsv of image paths and captions, or .tar shards "
@@ -96,6 +112,8 @@ def parse_args(argv=None):
                    help="file of every training caption, one a line (or .jsonl: one JSON string a line), "
                         "for the sentence-embedding cache and the tokenizer; default: listed from the data")
 
+
+def optimisation_options(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=128, help="pairs per step and per process")
     g.add_argument("--epochs", type=int, default=4, help="length of the schedule in epochs")
@@ -110,6 +128,8 @@ def parse_args(argv=None):
                         "on CPU; bf16 and fp16 also run on CPU; the weights stay float32")
     g.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and augmentation")
 
+
+def run_options(p):
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<model>-<preset>-s<seed>)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -140,6 +160,8 @@ def parse_args(argv=None):
     g.add_argument("--ablations", action="store_true",
                    help="with --compare: also AlignCLIP with --separate text, --separate both, --no-rescale")
 
+
+def bench_options(p):
     g = p.add_argument_group("data pipeline benchmark")
     g.add_argument("--bench-data", action="store_true",
                    help="run only the training input pipeline (no model) over --data for --bench-batches "
@@ -148,10 +170,6 @@ def parse_args(argv=None):
                         "same bytes. Without --data: temporary JPEG shards of the synthetic scenes "
                         "(384 px, quality 90). E.g. --bench-data --preset ViT-B-16 --batch-size 512")
     g.add_argument("--bench-batches", type=int, default=50, help="with --bench-data: batches to time")
-    args = p.parse_args(argv)
-    args.workers = default_workers() if args.workers is None else args.workers
-    check_args(args)
-    return args
 
 
 def fail(message):
@@ -595,13 +613,16 @@ def resume_position(saved, world, batch_size, note=print):
     return pos
 
 
-def save(path, raw_model, optimizer, scaler, tokenizer, args, position, world=1):
+def save(run):
+    """The complete checkpoint, written atomically: weights, optimizer and scaler state, data
+    position, random states, options, tokenizer."""
+    raw = run.raw
     A.save_checkpoint({
-        "config": asdict(raw_model.config), "model": raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-        "tokenizer": [" ".join(m) for m in tokenizer.merges], "args": vars(args),
-        "position": position, "rng": rng_state(), "world_size": world,
-    }, path)
+        "config": asdict(raw.config), "model": raw.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+        "tokenizer": [" ".join(m) for m in run.tokenizer.merges], "args": vars(run.args),
+        "position": dict(run.position), "rng": rng_state(), "world_size": run.world,
+    }, run.ckpt_path)
 
 
 def load_for_resume(path):
@@ -661,7 +682,236 @@ def validate_during_training(raw, tokenizer, val_src, args, device, world):
 
 
 # -----------------------------------------------------------------------------
-# Training
+# A run: what it holds, and how it is set up (or continued from a checkpoint)
+
+@dataclass
+class Run:
+    """What a training run holds from its first step to its last (nanoGPT keeps these in globals)."""
+    args: argparse.Namespace
+    raw: A.CLIP                    # the model: checkpoints, validation and the logged scale read it
+    model: torch.nn.Module         # what a step calls: raw, or raw wrapped by DDP and torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]   # fp16 only: loss scaling
+    dtype: Optional[torch.dtype]   # the autocast dtype; None: float32, no autocast
+    tokenizer: A.Tokenizer
+    cache: Optional[A.SemanticCache]   # the captions' sentence embeddings (AlignCLIP's rescaling)
+    train_src: object              # SyntheticScenes, CsvPairs or a shard pattern (str)
+    val_src: object                # the same kinds, or None
+    device: torch.device
+    rank: int                      # this process among `world` under torchrun; 0 alone
+    world: int
+    position: dict                 # step, epoch, batch within the epoch, world_size: saved and resumed
+    total: int                     # steps in the schedule
+
+    @property
+    def main(self):                # rank 0 prints, logs and writes the checkpoint
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.args.out, "last.pt")
+
+
+def setup_run(args):
+    """Everything before the first step: device, data, tokenizer, sentence embeddings, model and
+    optimizer (continued from the checkpoint with --resume); each check before any expensive work."""
+    rank, world, device = setup_distributed(args)
+    dtype = autocast_dtype(args.precision, device)  # an unsupported --precision: an error before any work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out = args.out or os.path.join("runs", f"{args.model}-{args.preset}-s{args.seed}")
+    check_out_folder(args.out)
+    resume_path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
+    ckpt = load_for_resume(resume_path) if resume_path else None
+    if ckpt:
+        check_resume_options(ckpt, args, resume_path, world)
+    A.ModelConfig.preset(args.preset)  # unknown preset: a clear error before any work
+    train_src, val_src = build_sources(args)
+    per_epoch = steps_per_epoch(train_src, args, world)
+    if per_epoch < 1:
+        raise ValueError(f"--data {args.data}: fewer pairs than one global batch of {args.batch_size * world} "
+                         "(--batch-size x processes); lower --batch-size")
+    captions, cache = captions_and_cache(args, train_src, rank, device)
+    tokenizer = run_tokenizer(args, ckpt, captions, rank)
+    raw = build_model(args, ckpt, tokenizer, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    run = Run(args=args, raw=raw, model=raw, optimizer=make_optimizer(raw, args, device), scaler=scaler,
+              dtype=dtype, tokenizer=tokenizer, cache=cache, train_src=train_src, val_src=val_src, device=device,
+              rank=rank, world=world, position={"step": 0, "epoch": 0, "batch": 0, "world_size": world},
+              total=args.steps or args.epochs * per_epoch)
+    if ckpt:
+        resume(run, ckpt)
+    if world > 1:
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        run.model = torch.compile(run.model)
+    return run
+
+
+def run_tokenizer(args, ckpt, captions, rank):
+    """The checkpoint's tokenizer, else --tokenizer's merges, else merges learned from the captions."""
+    if ckpt:
+        return A.Tokenizer([tuple(m.split(" ")) for m in ckpt["tokenizer"]])
+    if args.tokenizer:
+        return A.Tokenizer.from_file(args.tokenizer)
+    return A.Tokenizer.train(captions, args.vocab_size, verbose=rank == 0)
+
+
+def build_model(args, ckpt, tokenizer, device):
+    """The model, seeded by --seed; its config from the checkpoint when resuming."""
+    torch.manual_seed(args.seed)
+    if ckpt:
+        config = A.ModelConfig.from_dict(ckpt["config"])
+    else:
+        config = A.ModelConfig.preset(args.preset, shared=args.model != "clip", activation=args.activation,
+                                      vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                                      init_logit_scale=math.log(args.init_logit_scale),
+                                      fixed_logit_scale=args.fixed_logit_scale)
+    model = A.CLIP(config).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    return model
+
+
+def resume(run, ckpt):
+    """Continue a saved run: weights, optimizer and scaler state, data position, random states."""
+    note = print if run.main else (lambda *_: None)
+    run.raw.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scaler and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.position = resume_position(ckpt["position"], run.world, run.args.batch_size, note)
+    set_rng_state(ckpt["rng"], note)
+
+
+def start_run_folder(run):
+    """Rank 0, before the first step: the run's options and tokenizer in its folder, one line on screen."""
+    args = run.args
+    write_json({"args": vars(args), "model": asdict(run.raw.config), "world_size": run.world},
+               os.path.join(args.out, "config.json"))
+    run.tokenizer.save(os.path.join(args.out, "tokenizer.txt.gz"))
+    n_params = sum(p.numel() for p in run.raw.parameters())
+    print(f"{args.model} ({args.preset}, {n_params / 1e6:.2f}M parameters) on {run.device}, world {run.world}; "
+          f"{run.total} steps of {args.batch_size * run.world} pairs; run folder {args.out}")
+    A.remove_stale_temporaries(run.ckpt_path)   # left by a run killed while writing (SIGKILL)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def train(args):
+    """One training run. Returns (status: 'done', 'stopped' or 'nan', model, tokenizer, validation
+    source, device)."""
+    run = setup_run(args)
+    if run.main:
+        start_run_folder(run)
+    book = Bookkeeping(run)
+    try:
+        status = run_loop(run, book)
+    finally:  # also after an exception: Ctrl-C must not stay bound to this finished run
+        book.close()
+    return status, run.raw, run.tokenizer, run.val_src, run.device
+
+
+def run_loop(run, book):
+    """The method's steps, in order: learning rate, forward and loss, backward, clip, update, log,
+    validate, checkpoint. `book` keeps the rest (the ranks' agreement, empty batches, the NaN watch,
+    throughput). Returns 'done', 'stopped' (Ctrl-C or --stop-after: resume from the checkpoint) or
+    'nan' (a non-finite loss or weights: the last good checkpoint is kept)."""
+    args, pos = run.args, run.position
+    batches = make_loader(run.train_src, args, run.tokenizer, run.cache, run.raw.config, run.rank, run.world)
+    if args.eval_every and pos["step"] == 0:
+        log_validation(run, book)                       # where every curve starts
+    while pos["step"] < run.total:
+        epoch_starts_at = pos["step"] if pos["batch"] == 0 else None
+        for batch in batches(pos["epoch"], pos["batch"]):
+            if pos["step"] >= run.total:
+                break
+            sizes, any_stop = book.agree(batch)         # every rank's batch size; a Ctrl-C on any rank
+            if book.skip_empty(batch, sizes):           # no usable pair (on some rank): all skip it
+                pos["batch"] += 1
+                continue
+            lr = learning_rate(pos["step"], run.total, args)     # warm-up, then cosine decay
+            # forward, loss, backward, clip, update (one function: eval.py's fine-tuning takes the same step)
+            loss, parts, gnorm = train_step(run.model, run.optimizer, run.scaler, run.dtype, batch, args, lr, sizes)
+            pos["step"], pos["batch"] = pos["step"] + 1, pos["batch"] + 1
+            book.after_step(batch, sizes, loss)         # NaN watch, work done, progress bar
+            step = pos["step"]
+            log_now = step % args.log_every == 0 or step == run.total
+            stop_now = book.stop_agreed(any_stop) or step == args.stop_after
+            bad = book.first_nan(log_now)               # reads the device once per log line only
+            if bad is not None:
+                return stop_for_nan(run, book, f"loss is not finite at step {bad}")
+            if log_now:
+                book.log_interval(parts, gnorm)
+            if args.eval_every and step % args.eval_every == 0:
+                log_validation(run, book)
+            if (stop_now or step % args.save_every == 0) and not checkpoint(run, book):
+                return "nan"
+            if stop_now:
+                return book.stopped()
+        else:                                           # the epoch is over
+            book.check_epoch_gave_a_step(epoch_starts_at)
+            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+            if not checkpoint(run, book):
+                return "nan"
+    book.bar.close()
+    if not checkpoint(run, book):
+        return "nan"
+    book.summary()
+    return "done"
+
+
+def to_device(batch, device):
+    """(images, tokens, semantic) of a batch on the device; images uint8 -> float, CLIP-normalised there."""
+    images = A.normalize_images(batch["image"].to(device, non_blocking=True))
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    semantic = batch["semantic"].to(device, non_blocking=True) if batch["semantic"] is not None else None
+    return images, tokens, semantic
+
+
+def train_step(model, optimizer, scaler, dtype, batch, args, lr, sizes=None):
+    """One optimisation step: learning rate, forward and loss (on the global batch under torchrun),
+    backward, clip, update. sizes: every rank's batch size under torchrun (StepControl), None for one
+    process. Everything stays on the device: no .item(), no Python branch on a tensor; the caller
+    reads the returned tensors once per log interval. With GradScaler (fp16), scaler.step reads the
+    inf check unless the optimizer is fused (CUDA: it is)."""
+    device, world = next(model.parameters()).device, len(sizes) if sizes else 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images, tokens, semantic = to_device(batch, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss, parts = compute_loss(model, images, tokens, semantic, args, world, sizes=sizes)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach(), parts, gnorm
+
+
+def log_validation(run, book):
+    """validate_during_training, printed and written to log.jsonl by rank 0; its time is added to
+    the time estimate."""
+    t = time.time()
+    res = validate_during_training(run.raw, run.tokenizer, run.val_src, run.args, run.device, run.world)
+    if book.log:
+        book.bar.write(f"val step {run.position['step']}: " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        book.log.write(json.dumps({"step": run.position["step"], "val": res}) + "\n")
+        book.log.flush()
+    book.estimate.eval_took(time.time() - t)
+
+
+# -----------------------------------------------------------------------------
+# The loop's bookkeeping: Ctrl-C, the ranks' agreement before a step, the log line, the NaN
+# rule, empty batches, the time estimate and the work done
 
 class StopRequested:
     """Ctrl-C sets a flag; the loop saves a checkpoint after the step in flight and exits.
@@ -748,241 +998,172 @@ class NonFiniteWatch:
 
 
 @torch.no_grad()
-def weights_and_probe_finite(raw, batch, args, device, dtype, world):
+def weights_and_probe_finite(run, batch):
     """(weights finite, loss of the updated weights on `batch` finite), agreed by all ranks: one sync.
     The max-abs norm of each tensor (one fused call) is finite exactly when all its values are."""
-    norms = torch._foreach_norm([p.detach() for p in raw.parameters()], float("inf"))
-    flags = [torch.stack(norms).isfinite().all(), torch.ones((), dtype=torch.bool, device=device)]
+    norms = torch._foreach_norm([p.detach() for p in run.raw.parameters()], float("inf"))
+    flags = [torch.stack(norms).isfinite().all(), torch.ones((), dtype=torch.bool, device=run.device)]
     if batch is not None:
-        images, tokens, semantic = to_device(batch, device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = compute_loss(raw, images, tokens, semantic, args)
+        images, tokens, semantic = to_device(batch, run.device)
+        with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+            loss, _ = compute_loss(run.raw, images, tokens, semantic, run.args)
         flags[1] = loss.isfinite()
     flags = torch.stack(flags).int()
-    if world > 1:
+    if run.world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     return flags.tolist()
 
 
-def why_not_save(watch, raw, batch, args, device, dtype, world, step):
-    """The NaN rule: None if a checkpoint may be written after `step`, else the reason why not."""
-    bad = watch.first_bad()
+def why_not_save(run, watch, batch):
+    """The NaN rule: None if a checkpoint may be written now, else the reason why not. batch: the
+    last step's, to try the updated weights on."""
+    bad, step = watch.first_bad(), run.position["step"]
     if bad is not None:
         return f"loss is not finite at step {bad}"
-    weights_ok, probe_ok = weights_and_probe_finite(raw, batch, args, device, dtype, world)
+    weights_ok, probe_ok = weights_and_probe_finite(run, batch)
     if not weights_ok:
         return f"the weights after step {step} are not finite"
     return None if probe_ok else f"the weights after step {step} give a non-finite loss on the step's batch"
 
 
-def nan_stop(what, ckpt_path, kept_step):
-    kept = (f"{ckpt_path} (step {kept_step})" if kept_step is not None else
+def checkpoint(run, book):
+    """The NaN rule, then an atomic write by rank 0. False: the run must stop; nothing was written
+    and the last good checkpoint is kept."""
+    why = why_not_save(run, book.watch, book.last_batch)
+    if why:
+        stop_for_nan(run, book, why)
+        return False
+    if run.main:
+        save(run)
+    book.kept_step = run.position["step"]
+    return True
+
+
+def stop_for_nan(run, book, what):
+    """Say why the run stops without a checkpoint, and which one is kept; returns the status 'nan'."""
+    book.bar.close()
+    kept = (f"{run.ckpt_path} (step {book.kept_step})" if book.kept_step is not None else
             "none (no checkpoint was written by this run)")
     print(f"{what}: stopping without writing a checkpoint. The last good checkpoint is kept: {kept}")
-
-
-def count_empty(empty, args, skipped):
-    """Count a skipped empty batch; a long run of them means the data is broken: stop, saying so."""
-    empty["total"] += 1
-    empty["in_a_row"] += 1
-    if empty["in_a_row"] >= EMPTY_BATCHES_IN_A_ROW:
-        raise ValueError(f"--data {args.data}: {empty['in_a_row']} batches in a row had no usable pair "
-                         f"({skipped} samples skipped so far: unreadable images or missing captions); "
-                         "check the data and its options (--csv-img-key, --csv-caption-key)")
+    return "nan"
 
 
 EMPTY_BATCHES_IN_A_ROW = 50   # this many batches in a row without one usable pair: the data is broken
 
 
-def setup_run(args):
-    """Everything before the first step: device, data, tokenizer, sentence embeddings, model."""
-    rank, world, device = setup_distributed(args)
-    autocast_dtype(args.precision, device)  # an unsupported --precision: an error before any work
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out = args.out or os.path.join("runs", f"{args.model}-{args.preset}-s{args.seed}")
-    check_out_folder(args.out)
-    resume_path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
-    ckpt = load_for_resume(resume_path) if resume_path else None
-    if ckpt:
-        check_resume_options(ckpt, args, resume_path, world)
-    A.ModelConfig.preset(args.preset)  # unknown preset: a clear error before any work
-    train_src, val_src = build_sources(args)
-    if steps_per_epoch(train_src, args, world) < 1:
-        raise ValueError(f"--data {args.data}: fewer pairs than one global batch of {args.batch_size * world} "
-                         "(--batch-size x processes); lower --batch-size")
-    captions, cache = captions_and_cache(args, train_src, rank, device)
-    if ckpt:
-        tokenizer = A.Tokenizer([tuple(m.split(" ")) for m in ckpt["tokenizer"]])
-    elif args.tokenizer:
-        tokenizer = A.Tokenizer.from_file(args.tokenizer)
-    else:
-        tokenizer = A.Tokenizer.train(captions, args.vocab_size, verbose=rank == 0)
-    torch.manual_seed(args.seed)
-    if ckpt:
-        config = A.ModelConfig.from_dict(ckpt["config"])
-    else:
-        config = A.ModelConfig.preset(args.preset, shared=args.model != "clip", activation=args.activation,
-                                      vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-                                      init_logit_scale=math.log(args.init_logit_scale),
-                                      fixed_logit_scale=args.fixed_logit_scale)
-    model = A.CLIP(config).to(device)
-    return rank, world, device, ckpt, train_src, val_src, tokenizer, cache, model
+class Bookkeeping:
+    """The loop's bookkeeping, kept out of its sight: the progress bar and log.jsonl (rank 0),
+    Ctrl-C and the ranks' agreement before each step, the NaN watch and the last good checkpoint,
+    empty batches and skipped samples, throughput and the time estimate."""
 
+    def __init__(self, run):
+        step, args = run.position["step"], run.args
+        self.run, self.t0, self.start_step = run, time.time(), step
+        self.log = open(os.path.join(args.out, "log.jsonl"), "a") if run.main else None
+        self.control = StepControl(run.world)          # what the ranks agree on before each step
+        self.watch = NonFiniteWatch(run.device, run.world)
+        self.bar = tqdm(total=run.total, initial=step, disable=not run.main, dynamic_ncols=True, leave=False)
+        self.estimate = TimeEstimate(self.t0, step, run.total, args.eval_every)
+        self.recent = []                               # the losses since the last log line (device tensors)
+        self.skipped, self.empty, self.empty_in_a_row = 0, 0, 0   # bad samples; batches with no usable pair
+        self.work = {"pairs": 0, "flops": 0}           # done by all ranks: pairs/s and model FLOP/s at the end
+        # the checkpoint on disk (its step) and the batch of the last step, to try the new weights on
+        self.kept_step = step if step and os.path.exists(run.ckpt_path) else None
+        self.last_batch = None
+        self.stop = StopRequested(verbose=run.main)    # Ctrl-C: stop after the step in flight (bound last)
 
-def train(args):
-    rank, world, device, ckpt, train_src, val_src, tokenizer, cache, model = setup_run(args)
-    raw = model
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    optimizer = make_optimizer(model, args, device)
-    dtype = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    position = {"step": 0, "epoch": 0, "batch": 0, "world_size": world}
-    note = print if rank == 0 else (lambda *_: None)
-    if ckpt:
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        position = resume_position(ckpt["position"], world, args.batch_size, note)
-        set_rng_state(ckpt["rng"], note)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    per_epoch = steps_per_epoch(train_src, args, world)
-    total = args.steps or args.epochs * per_epoch
-    main = rank == 0
-    if main:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model": asdict(raw.config), "world_size": world}, f, indent=2)
-        tokenizer.save(os.path.join(args.out, "tokenizer.txt.gz"))
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.model} ({args.preset}, {n_params / 1e6:.2f}M parameters) on {device}, world {world}; "
-              f"{total} steps of {args.batch_size * world} pairs; run folder {args.out}")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
-    stop = StopRequested(verbose=main)
-    ckpt_path = os.path.join(args.out, "last.pt")
-    if main:
-        A.remove_stale_temporaries(ckpt_path)   # left by a run killed while writing (SIGKILL)
-    try:
-        status = run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args,
-                          device, rank, world, position, total, per_epoch, stop, log, ckpt_path)
-    finally:  # also after an exception: Ctrl-C must not stay bound to this finished run
-        stop.restore()
-        if log:
-            log.close()
-    return status, raw, tokenizer, val_src, device
+    def agree(self, batch):
+        """(every rank's batch size, or None for one process; whether any rank has a stop request)."""
+        self.skipped += batch["skipped"]
+        return self.control.exchange(batch["image"].shape[0], self.stop.flag)
 
-
-def run_loop(model, raw, optimizer, scaler, dtype, tokenizer, cache, train_src, val_src, args, device,
-             rank, world, pos, total, per_epoch, stop, log, ckpt_path):
-    main = rank == 0
-    recent, skipped, t0, done_at_start = [], 0, time.time(), pos["step"]
-    watch, empty = NonFiniteWatch(device, world), {"total": 0, "in_a_row": 0}
-    # the checkpoint on disk (its step) and the batch of the last step, to try the new weights on
-    kept = {"step": pos["step"] if pos["step"] and os.path.exists(ckpt_path) else None, "batch": None}
-
-    def checkpoint():
-        """The NaN rule, then an atomic write; False: the run must stop, nothing was written."""
-        why = why_not_save(watch, raw, kept["batch"], args, device, dtype, world, pos["step"])
-        if why:
-            bar.close()
-            nan_stop(why, ckpt_path, kept["step"])
+    def skip_empty(self, batch, sizes):
+        """True for a batch with no usable pair on some rank: counted and skipped. A long run of them
+        means the data is broken: stop, saying so."""
+        if min(sizes or [batch["image"].shape[0]]) > 0:
+            self.empty_in_a_row = 0
             return False
-        if main:
-            save(ckpt_path, raw, optimizer, scaler, tokenizer, args, dict(pos), world)
-        kept["step"] = pos["step"]
+        self.empty, self.empty_in_a_row = self.empty + 1, self.empty_in_a_row + 1
+        if self.empty_in_a_row >= EMPTY_BATCHES_IN_A_ROW:
+            raise ValueError(f"--data {self.run.args.data}: {self.empty_in_a_row} batches in a row had no usable "
+                             f"pair ({self.skipped} samples skipped so far: unreadable images or missing captions); "
+                             "check the data and its options (--csv-img-key, --csv-caption-key)")
         return True
 
-    control, work = StepControl(world), {"pairs": 0, "flops": 0}   # work: done by this process, all ranks
-    bar = tqdm(total=total, initial=pos["step"], disable=not main, dynamic_ncols=True, leave=False)
-    estimate = TimeEstimate(t0, pos["step"], total, args.eval_every)
-    if args.eval_every and pos["step"] == 0:  # where every curve starts
-        estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, 0, bar, log))
-    batches = make_loader(train_src, args, tokenizer, cache, raw.config, rank, world)
-    while pos["step"] < total:
-        loader = batches(pos["epoch"], pos["batch"])
-        from_start, steps_before = pos["batch"] == 0, pos["step"]
-        for batch in loader:
-            if pos["step"] >= total:
-                break
-            skipped += batch["skipped"]
-            sizes, stopping = control.exchange(batch["image"].shape[0], stop.flag)
-            if min(sizes or [batch["image"].shape[0]]) == 0:   # no usable pair (on some rank): all skip it
-                pos["batch"] += 1
-                count_empty(empty, args, skipped)
-                continue
-            empty["in_a_row"] = 0
-            loss, parts, gnorm = train_step(model, optimizer, scaler, dtype, batch, args, device, world,
-                                            learning_rate(pos["step"], total, args), sizes)
-            count_work(work, raw.config, batch, sizes)
-            if world == 1:  # nothing to agree on: a Ctrl-C during this step stops after it
-                stopping = stop.flag
-            pos["step"] += 1
-            pos["batch"] += 1
-            watch.update(loss, pos["step"])
-            kept["batch"] = batch
-            recent.append((pos["step"], loss))
-            bar.update(1)
-            line = estimate.after_step(pos["step"], time.time())
-            if line and main:
-                bar.write(line)
-            end_of_interval = pos["step"] % args.log_every == 0 or pos["step"] == total
-            must_save = pos["step"] % args.save_every == 0 or stopping or pos["step"] == args.stop_after
-            bad = watch.first_bad() if end_of_interval else watch.poll()   # a sync per log line only
-            if bad is not None:
-                bar.close()
-                nan_stop(f"loss is not finite at step {bad}", ckpt_path, kept["step"])
-                return "nan"
-            if end_of_interval and main:
-                rec = interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, world, t0,
-                                      done_at_start, skipped)
-                rec["empty_batches"] = empty["total"]
-                bar.write(log_line(rec))
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if end_of_interval:
-                recent = []
-            if args.eval_every and pos["step"] % args.eval_every == 0:
-                estimate.eval_took(log_validation(raw, tokenizer, val_src, args, device, world, pos["step"],
-                                                  bar, log))
-            if must_save and not checkpoint():
-                return "nan"
-            if stopping or pos["step"] == args.stop_after:
-                bar.close()
-                if main:
-                    print(f"stopped after step {pos['step']}; checkpoint {ckpt_path}; continue with --resume")
-                return "stopped"
-        else:
-            if from_start and pos["step"] == steps_before:   # else an endless loop of empty epochs
-                raise ValueError(f"--data {args.data}: epoch {pos['epoch']} gave no batch: fewer usable pairs "
-                                 f"than one batch of {args.batch_size * world} (--batch-size x processes); "
-                                 f"{skipped} samples were skipped as unreadable or without a caption")
-            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            if not checkpoint():
-                return "nan"
-    bar.close()
-    if not checkpoint():
-        return "nan"
-    if main:
-        elapsed = time.time() - t0
-        print(f"done: {pos['step']} steps, {work['pairs'] / max(elapsed, 1e-9):.0f} pairs/s over "
-              f"{elapsed / 60:.1f} min, {skipped} bad samples skipped ({empty['total']} batches had none usable)")
-        print(throughput_line(work, elapsed, device, world, args.peak_tflops))
-    return "done"
+    def after_step(self, batch, sizes, loss):
+        """Count the step: its loss into the NaN watch (on the device), its pairs and FLOPs, the bar,
+        and once, early, the estimated time of the run."""
+        step = self.run.position["step"]
+        count_work(self.work, self.run.raw.config, batch, sizes)
+        self.watch.update(loss, step)
+        self.last_batch = batch
+        self.recent.append(loss)
+        self.bar.update(1)
+        line = self.estimate.after_step(step, time.time())
+        if line and self.run.main:
+            self.bar.write(line)
 
+    def stop_agreed(self, any_rank):
+        """Whether to stop after this step. One process: also a Ctrl-C during the step; under torchrun
+        what the ranks agreed before it (all must stop after the same step)."""
+        return self.stop.flag if self.run.world == 1 else any_rank
 
-def log_validation(raw, tokenizer, val_src, args, device, world, step, bar, log):
-    """validate_during_training, printed and written to log.jsonl by rank 0; returns its seconds."""
-    t = time.time()
-    res = validate_during_training(raw, tokenizer, val_src, args, device, world)
-    if log:
-        bar.write(f"val step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
-        log.write(json.dumps({"step": step, "val": res}) + "\n")
-        log.flush()
-    return time.time() - t
+    def first_nan(self, sync):
+        """The first step whose loss was not finite, or None; sync: wait for the device (a log line),
+        else only what has landed (see NonFiniteWatch)."""
+        return self.watch.first_bad() if sync else self.watch.poll()
+
+    def log_interval(self, parts, gnorm):
+        """Rank 0: one line under the bar and one record in log.jsonl for the steps since the last."""
+        if self.log:
+            rec = self.record(parts, gnorm)
+            self.bar.write(log_line(rec))
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
+        self.recent = []
+
+    def record(self, parts, gnorm):
+        """The log record of the interval that ends at this step (host reads: once per log line)."""
+        run, pos = self.run, self.run.position
+        elapsed = time.time() - self.t0
+        rate = (pos["step"] - self.start_step) / max(elapsed, 1e-9)  # steps/s since this process started
+        rec = {"step": pos["step"], "epoch": pos["epoch"], "loss": float(torch.stack(self.recent).mean())}
+        rec.update({f"loss_{k}": float(v) for k, v in parts.items()})
+        scale = run.raw.logit_scale.detach().exp().clamp(max=run.raw.config.max_logit_scale)
+        rec.update({"lr": run.optimizer.param_groups[0]["lr"], "logit_scale": float(scale),
+                    "grad_norm": float(gnorm), "pairs_per_s": rate * run.args.batch_size * run.world,
+                    "eta_min": (run.total - pos["step"]) / max(rate, 1e-9) / 60, "skipped": self.skipped,
+                    "time_s": elapsed, "empty_batches": self.empty})
+        return rec
+
+    def check_epoch_gave_a_step(self, epoch_starts_at):
+        """An epoch read from its start without one step: an error, not an endless loop of empty epochs."""
+        run = self.run
+        if epoch_starts_at is not None and run.position["step"] == epoch_starts_at:
+            raise ValueError(f"--data {run.args.data}: epoch {run.position['epoch']} gave no batch: fewer usable "
+                             f"pairs than one batch of {run.args.batch_size * run.world} (--batch-size x "
+                             f"processes); {self.skipped} samples were skipped as unreadable or without a caption")
+
+    def stopped(self):
+        self.bar.close()
+        if self.run.main:
+            print(f"stopped after step {self.run.position['step']}; checkpoint {self.run.ckpt_path}; "
+                  "continue with --resume")
+        return "stopped"
+
+    def summary(self):
+        """Rank 0, at the end: steps, pairs/s, skipped samples, model FLOP/s."""
+        if self.run.main:
+            elapsed = time.time() - self.t0
+            print(f"done: {self.run.position['step']} steps, {self.work['pairs'] / max(elapsed, 1e-9):.0f} pairs/s "
+                  f"over {elapsed / 60:.1f} min, {self.skipped} bad samples skipped ({self.empty} batches had "
+                  "none usable)")
+            print(throughput_line(self.work, elapsed, self.run.device, self.run.world, self.run.args.peak_tflops))
+
+    def close(self):
+        self.stop.restore()
+        if self.log:
+            self.log.close()
 
 
 class TimeEstimate:
@@ -1015,40 +1196,6 @@ class TimeEstimate:
         seconds = now - self.t0 + (self.total - step) * per_step + evals * self.eval_last
         return (f"estimated time: {seconds / 60:.1f} min for steps {self.start + 1}-{self.total} "
                 f"({per_step:.2f} s per step over steps {step - n + 1}-{step}, {evals} validations left)")
-
-
-def to_device(batch, device):
-    """(images, tokens, semantic) of a batch on the device; images uint8 -> float, CLIP-normalised there."""
-    images = A.normalize_images(batch["image"].to(device, non_blocking=True))
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    semantic = batch["semantic"].to(device, non_blocking=True) if batch["semantic"] is not None else None
-    return images, tokens, semantic
-
-
-
-
-def train_step(model, optimizer, scaler, dtype, batch, args, device, world, lr, sizes=None):
-    """One optimisation step. Everything stays on the device: no .item(), no Python branch on a
-    tensor; the caller reads the returned tensors once per log interval. With GradScaler (fp16),
-    scaler.step reads the inf check unless the optimizer is fused (CUDA: it is)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    images, tokens, semantic = to_device(batch, device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss, parts = compute_loss(model, images, tokens, semantic, args, world, sizes=sizes)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return loss.detach(), parts, gnorm
 
 
 def forward_flops_per_pair(c, text_tokens=None):
@@ -1086,20 +1233,6 @@ def throughput_line(work, elapsed, device, world, peak_tflops):
     return line
 
 
-def interval_record(pos, total, recent, parts, gnorm, optimizer, raw, args, world, t0, start, skipped):
-    elapsed = time.time() - t0
-    rate = (pos["step"] - start) / max(elapsed, 1e-9)  # steps/s since this process started
-    rec = {"step": pos["step"], "epoch": pos["epoch"],
-           "loss": float(torch.stack([l for _, l in recent]).mean())}
-    rec.update({f"loss_{k}": float(v) for k, v in parts.items()})
-    rec.update({"lr": optimizer.param_groups[0]["lr"],
-                "logit_scale": float(raw.logit_scale.detach().exp().clamp(max=raw.config.max_logit_scale)),
-                "grad_norm": float(gnorm), "pairs_per_s": rate * args.batch_size * world,
-                "eta_min": (total - pos["step"]) / max(rate, 1e-9) / 60, "skipped": skipped,
-                "time_s": elapsed})
-    return rec
-
-
 def random_batch(config, batch_size, semantic_dim, seed=0):
     """A batch as Collate makes it, of random pixels and token ids: every text has the full context
     (its end token last), which is what trimming leaves of a batch with one long caption."""
@@ -1129,7 +1262,7 @@ def selfcheck(args, warmup=3):
     batch = random_batch(config, args.batch_size, 768, args.seed)   # 768: all-mpnet-base-v2's width
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-    step = lambda: train_step(model, optimizer, scaler, dtype, batch, args, device, 1, args.lr)[0]
+    step = lambda: train_step(model, optimizer, scaler, dtype, batch, args, args.lr)[0]
     elapsed, final = _time_steps(step, warmup, args.selfcheck, device)
     work = {"pairs": 0, "flops": 0}
     count_work(work, config, batch, None)
@@ -1175,8 +1308,7 @@ def report(model, tokenizer, val_src, args, device):
     res = validate(model, tokenizer, val_src, args, device)
     if res:
         print("validation: " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
-    with open(os.path.join(args.out, "final_metrics.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(res, os.path.join(args.out, "final_metrics.json"))
     print(f"checkpoint: {os.path.join(args.out, 'last.pt')}  (python eval.py all --checkpoint ...)")
     return res
 
@@ -1253,17 +1385,43 @@ def compare(argv, args):
             if status != "done":
                 sys.exit(f"{name} seed {seed} ended early ({status}); run the same command again to go on")
             results.setdefault(name, []).append(report(model, tokenizer, val_src, run_args, device))
-    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # sample std (n - 1)
-    summary = {name: {k: (statistics.mean(r[k] for r in runs), sd([r[k] for r in runs]))
-                      for k in runs[0]} for name, runs in results.items()}
-    with open(os.path.join(root, "compare.json"), "w") as f:
-        json.dump({"seeds": seeds, "runs": results, "mean_std": summary}, f, indent=2)
+    summary = {name: mean_std(runs) for name, runs in results.items()}
+    write_json({"seeds": seeds, "runs": results, "mean_std": summary}, os.path.join(root, "compare.json"))
     keys = list(next(iter(summary.values())))
-    print(f"\nmean +- std over seeds {seeds}")
-    print(f"{'':20}" + "".join(f"{k:>22}" for k in keys))
-    for name, row in summary.items():
-        print(f"{name:20}" + "".join(f"{m:>14.3f} +- {sd:5.3f}" for m, sd in (row[k] for k in keys)))
+    rows = [[name] + [mean_std_cell(row[k], ".3f") for k in keys] for name, row in summary.items()]
+    print("\n" + format_table(f"Mean +- sample std over seeds {seeds}", ["run"] + keys, rows))
     return summary
+
+
+# -----------------------------------------------------------------------------
+# Output files and tables, shared with eval.py
+
+def write_json(obj, path):
+    """JSON written atomically (a temporary file renamed over `path`): a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    A._atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def mean_std(runs):
+    """{metric: [mean, sample std (n - 1; 0 for one run)]} over the runs' metric dicts, numbers only."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    values = {k: [r[k] for r in runs] for k in keys}
+    return {k: [statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0] for k, xs in values.items()}
+
+
+def mean_std_cell(pair, fmt):
+    return f"{pair[0]:{fmt}} +- {pair[1]:{fmt}}"
+
+
+def format_table(title, header, rows):
+    """A plain-text table: first column left-aligned, the rest right-aligned."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    rule = "-" * len(line([str(h) for h in header]))
+    return "\n".join([title, rule, line([str(h) for h in header]), rule, *map(line, rows), rule])
 
 
 def main(argv=None):
