@@ -1051,11 +1051,6 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -
 # to ours and inferring the config from tensor shapes; our own files store asdict(config).
 # -----------------------------------------------------------------------------
 
-_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
-               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
 def save_checkpoint(obj: dict, path) -> None:
     """torch.save to a temporary file in the same folder, then rename it over `path`: a crash
     mid-write never leaves a truncated checkpoint behind, and the previous one survives."""
