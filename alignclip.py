@@ -276,7 +276,7 @@ class Tokenizer:
 # Model: CLIP (two towers) and SharedCLIP / AlignCLIP (one transformer)
 #
 # Both modalities become a sequence of W-wide tokens, then a pre-LayerNorm transformer reads them:
-#   image: p x p patches (ViT-B/16: p = 16; tiny: 8) -> linear (a strided conv) -> [class token,
+#   image: p x p patches (ViT-B/16 and tiny: p = 16) -> linear (a strided conv) -> [class token,
 #          patches] + positions -> ln_pre
 #   text:  token ids -> embedding + positions           (no ln_pre; causal attention)
 # The embedding is ln_post(the token that summarises the input) @ projection, L2-normalised:
@@ -315,8 +315,8 @@ class ModelConfig:
             # the paper's model: ViT-B/16 image stem; the CLIP baseline's text tower is OpenCLIP's
             # (512 wide, 8 heads) and then projects to 512 like OpenCLIP's ViT-B-16.
             "ViT-B-16": dict(),
-            # small enough to train in minutes on a laptop CPU (64 px images, 64 patches of 8 px)
-            "tiny": dict(image_size=64, patch_size=8, width=192, layers=4, heads=4, embed_dim=192,
+            # small enough to train in minutes on a laptop CPU (64 px images, 16 patches of 16 px)
+            "tiny": dict(image_size=64, patch_size=16, width=192, layers=4, heads=4, embed_dim=192,
                          text_width=192, text_layers=4, text_heads=4, context_length=32),
         }
         if name not in presets:
@@ -532,8 +532,15 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(max=self.max_tau)
 
     def forward(self, images, tokens):
+        """-> (E_v, E_t, s). tokens: (B, T) ids, or a tuple of such groups holding the B texts in order
+        (Collate's length groups: each group trimmed to its own longest text, so short captions
+        pay for few positions); a group's rows are encoded alone, exactly as in one batch."""
         scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)  # s = exp(tau), capped
-        return self.encode_image(images), self.encode_text(tokens), scale
+        if isinstance(tokens, (tuple, list)):
+            texts = torch.cat([self.encode_text(group) for group in tokens])     # (B, d)
+        else:
+            texts = self.encode_text(tokens)                                     # (B, d)
+        return self.encode_image(images), texts, scale
 
 
 def largest_tau(max_scale):
@@ -2053,17 +2060,29 @@ class Collate:
     int (the None items dropped). If every item is None the batch has 0 items (caption == [], image
     and tokens with 0 rows); the training loop skips it. Picklable for DataLoader workers if the
     tokenizer is.
+
+    text_groups > 1 (the project's Tokenizer only): the pairs are put in order of caption length and
+    tokens is a tuple of that many groups of consecutive rows, each trimmed to its own longest
+    caption (CLIP.forward encodes them one by one). The losses do not depend on the order of the
+    pairs in a batch, and the text tower pays for ~16 positions a caption instead of the longest
+    one's ~28 on the synthetic captions.
     """
 
-    def __init__(self, tokenizer, cache=None, context_length=77):
+    def __init__(self, tokenizer, cache=None, context_length=77, text_groups=1):
         self.tokenizer, self.cache, self.context_length = tokenizer, cache, context_length
+        self.text_groups = text_groups if getattr(tokenizer, "eot_id", None) is not None else 1
 
     def __call__(self, items):
         kept = [x for x in items if x is not None]
         captions = [x["caption"] for x in kept]
         if kept:
-            image = torch.stack([x["image"] for x in kept])                        # (B, 3, size, size)
             tokens = tokenize(self.tokenizer, captions, self.context_length)       # (B, T')
+            if self.text_groups > 1:  # shortest first (a stable sort: the same order on every run)
+                order = (tokens == self.tokenizer.eot_id).int().argmax(dim=1).argsort(stable=True).tolist()
+                kept, captions = [kept[i] for i in order], [captions[i] for i in order]
+                tokens = tuple(trim_text_padding(group, self.tokenizer.eot_id)
+                               for group in tokens[order].tensor_split(self.text_groups) if len(group))
+            image = torch.stack([x["image"] for x in kept])                        # (B, 3, size, size)
         else:
             image = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
             tokens = torch.empty(0, self.context_length, dtype=torch.long)

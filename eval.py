@@ -14,6 +14,7 @@ by side, paper style, then writes OUT/<subcommand>.json and any figure as PNG be
     python eval.py similarity         --checkpoint A.pt --images dog.jpg --texts "a dog" "a cat"  # Table 8
     python eval.py all                --checkpoint A.pt --data-root data                   # all of it
     python eval.py curves runs/cmp/clip-s0 runs/cmp/alignclip-s0 --out assets  # gap over training
+    python eval.py tradeoff runs/beta/* --key beta --out assets       # alignment vs accuracy, a sweep
     python eval.py zeroshot --checkpoint s0.pt --label CLIP --checkpoint s1.pt --label CLIP  # mean +- std
 
 The synthetic scenes are built in, so every subcommand runs without any download. Other data sets
@@ -1264,6 +1265,49 @@ def task_curves(args):
 
 
 # -----------------------------------------------------------------------------
+# What the separation costs: one point per run of a sweep (e.g. of beta), from each run folder's
+# config.json and final_metrics.json (train.py's validation): alignment against downstream accuracy
+# -----------------------------------------------------------------------------
+
+TRADEOFF = [("zeroshot_shape_top1", "zero-shot shape top-1 %"), ("i2t_R@1", "image->text R@1 %"),
+            ("t2i_R@1", "text->image R@1 %")]
+
+
+def read_run(run_dir, key):
+    """(value of the run option `key`, final validation metrics) of a finished train.py run folder."""
+    paths = [os.path.join(run_dir, f) for f in ("config.json", "final_metrics.json")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(f"{run_dir}: no {os.path.basename(missing[0])} (is it a finished train.py run folder?)")
+    config, metrics = (json.load(open(p, encoding="utf-8")) for p in paths)
+    if key not in config["args"]:
+        raise UsageError(f"{paths[0]}: no option {key!r}; choose one of {sorted(config['args'])}")
+    return config["args"][key], metrics
+
+
+def task_tradeoff(args):
+    """eval.py tradeoff RUN_DIR ... --key beta: alignment (x) against each TRADEOFF metric (y), one
+    point per run labelled with its option value, joined in the order of that value; and a table."""
+    runs = sorted((read_run(d, args.key) + (d,) for d in args.runs), key=lambda r: r[0])
+    plt, fig, axes = new_figure(len(TRADEOFF))
+    x = [m["alignment"] for _, m, _ in runs]
+    for ax, (key, title) in zip(axes, TRADEOFF):
+        y = [m[key] for _, m, _ in runs]
+        ax.plot(x, y, "o-")
+        for value, xi, yi in zip([v for v, _, _ in runs], x, y):
+            ax.annotate(f"{args.key} {value:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(title=title, xlabel="alignment score (Eq. 5)", ylabel=title)
+        ax.grid(alpha=0.3)
+    os.makedirs(args.out, exist_ok=True)
+    path = save_figure(plt, fig, os.path.join(args.out, args.name))
+    header = [args.key, "run", "alignment", "gap"] + [k for k, _ in TRADEOFF] + ["zeroshot_color_top1"]
+    rows = [[f"{v:g}", os.path.basename(os.path.normpath(d))] + [f"{m[k]:.3f}" for k in header[2:]]
+            for v, m, d in runs]
+    print(T.format_table(f"Runs by {args.key} (train.py's final validation)", header, rows))
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -1446,6 +1490,12 @@ def build_parser():
                          "one mean line with a min-max band (default: folder name without '-s<seed>')")
     sp.add_argument("--out", default="assets", help="folder for the PNG")
     sp.add_argument("--name", default="gap_over_training.png", help="file name of the PNG")
+    help = "alignment against zero-shot and retrieval accuracy, one point per finished run (a sweep)"
+    sp = sub.add_parser("tradeoff", help=help, description=help)
+    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished train.py run folders")
+    sp.add_argument("--key", default="beta", help="the train.py option the runs differ in (default: beta)")
+    sp.add_argument("--out", default="assets", help="folder for the PNG")
+    sp.add_argument("--name", default="beta_tradeoff.png", help="file name of the PNG")
     return p
 
 
@@ -1554,11 +1604,11 @@ def summary_table(results, labels):
 def main(argv=None):
     """Run one subcommand; returns its results (also written to OUT/<command>.json or results.json)."""
     args = build_parser().parse_args(argv)
-    if args.command == "curves":  # reads run folders, no checkpoint
+    if args.command in ("curves", "tradeoff"):  # read run folders, no checkpoint
         try:
-            return task_curves(args)
+            return task_curves(args) if args.command == "curves" else task_tradeoff(args)
         except UsageError as e:
-            print(f"eval.py curves: error: {e}", file=sys.stderr)
+            print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     args.cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(args.out, "cache"))
     try:

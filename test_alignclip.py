@@ -727,6 +727,48 @@ def test_collate_trims_the_batch_to_its_longest_caption():
     assert torch.equal(batch["tokens"], tok(batch["caption"], 32)[:, : batch["tokens"].shape[1]])
 
 
+def test_collate_length_groups_keep_every_pair_together_and_trim_each_group():
+    captions = ["a red circle", "a big blue square on the left of a tiny green star", "a star",
+                "two small yellow squares at the top", "a hoop", "a large purple triangle in the middle"]
+    tok = A.Tokenizer.train(captions, 600)
+    items = [{"image": torch.full((3, 4, 4), i, dtype=torch.uint8), "caption": c} for i, c in enumerate(captions)]
+    class Rows:   # a semantic cache: a caption's row is its index in `captions`
+        def lookup(self, caps):
+            return torch.tensor([[float(captions.index(c))] * 3 for c in caps])
+    cache = Rows()
+    batch = A.Collate(tok, cache, 32, text_groups=3)(items)
+    lengths = [len(tok.encode(c)) + 2 for c in batch["caption"]]
+    assert sorted(batch["caption"]) == sorted(captions) and lengths == sorted(lengths)   # shortest first
+    for k, c in enumerate(batch["caption"]):          # image, caption and semantic row stay one pair
+        i = captions.index(c)
+        assert batch["image"][k, 0, 0, 0] == i and batch["semantic"][k, 0] == i
+    groups = batch["tokens"]
+    assert isinstance(groups, tuple) and [len(g) for g in groups] == [2, 2, 2]
+    for g, caps in zip(groups, [batch["caption"][0:2], batch["caption"][2:4], batch["caption"][4:6]]):
+        assert torch.equal(g, tok(caps, 32)[:, : max(len(tok.encode(c)) + 2 for c in caps)])  # own longest
+    assert A.Collate(tok, None, 32, text_groups=8)(items[:2])["tokens"][0].shape[0] == 1  # no empty group
+
+
+def test_forward_on_length_groups_equals_forward_on_the_padded_batch():
+    torch.manual_seed(0)
+    model = A.CLIP(tiny_config(context_length=32)).double()
+    tokens = torch.cat([tokens_with_eot(1, 32, 299, seed=i, eot_at=k) for i, k in enumerate((3, 4, 9, 12, 20))])
+    images = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    groups = tuple(A.trim_text_padding(g, 299) for g in tokens.tensor_split(3))
+    assert [g.shape[1] for g in groups] == [5, 13, 21]
+    grads = []
+    for t in (A.trim_text_padding(tokens, 299), groups):
+        model.zero_grad()
+        img, txt, scale = model(images, t)
+        A.clip_loss(img, txt, scale).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if isinstance(t, tuple):
+            torch.testing.assert_close(txt, expected, rtol=1e-12, atol=1e-12)
+        expected = txt.detach()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # =============================================================================
 # losses
 # =============================================================================
@@ -3484,6 +3526,29 @@ def test_eval_curves_says_what_is_missing(tmp_path, capsys):
             E.main(["curves", *argv, "--out", str(tmp_path / "o")])
         assert e.value.code == 2 and why in capsys.readouterr().err
 
+
+def _finished_run(folder, beta, alignment, shape):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"args": {"beta": beta, "model": "alignclip"}}))
+    metrics = {"alignment": alignment, "gap": 1 - alignment, "zeroshot_shape_top1": shape, "i2t_R@1": shape / 2,
+               "t2i_R@1": shape / 3, "zeroshot_color_top1": 90.0}
+    (folder / "final_metrics.json").write_text(json.dumps(metrics))
+    return str(folder)
+
+
+def test_eval_tradeoff_plots_a_sweep_in_the_order_of_the_option(tmp_path, capsys):
+    runs = [_finished_run(tmp_path / f"b{b}", b, a, sh) for b, a, sh in ((1.0, 0.9, 30.0), (0.0, 0.6, 50.0),
+                                                                         (0.25, 0.8, 40.0))]
+    path = E.main(["tradeoff", *runs, "--out", str(tmp_path / "assets")])
+    assert path == str(tmp_path / "assets" / "beta_tradeoff.png") and _is_png(path)
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [("0", "b0.0", "0.600", "50.000"),
+                                                        ("0.25", "b0.25", "0.800", "40.000"),
+                                                        ("1", "b1.0", "0.900", "30.000")]
+    for argv, why in ([str(tmp_path / "nowhere")], "no config.json"), (runs[:1] + ["--key", "gamma"], "'gamma'"):
+        with pytest.raises(SystemExit) as e:
+            E.main(["tradeoff", *argv, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
 
 def test_the_scripts_functions_stay_short():
     # the training loop fits one screen (run_loop), and no function of train.py or eval.py grows past
