@@ -1280,9 +1280,12 @@ def read_run(run_dir, key):
     if missing:
         raise UsageError(f"{run_dir}: no {os.path.basename(missing[0])} (is it a finished train.py run folder?)")
     config, metrics = (json.load(open(p, encoding="utf-8")) for p in paths)
-    if key not in config["args"]:
-        raise UsageError(f"{paths[0]}: no option {key!r}; choose one of {sorted(config['args'])}")
-    return config["args"][key], metrics
+    run_args = config["args"]
+    if key not in run_args:
+        raise UsageError(f"{paths[0]}: no option {key!r}; choose one of {sorted(run_args)}")
+    if key == "beta" and run_args.get("model", "alignclip") != "alignclip":
+        return 0.0, metrics   # CLIP's loss: no separation term, whatever --beta said (Eq. 13 with beta = 0)
+    return run_args[key], metrics
 
 
 def task_tradeoff(args):

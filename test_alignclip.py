@@ -3527,9 +3527,9 @@ def test_eval_curves_says_what_is_missing(tmp_path, capsys):
         assert e.value.code == 2 and why in capsys.readouterr().err
 
 
-def _finished_run(folder, beta, alignment, shape):
+def _finished_run(folder, beta, alignment, shape, model="alignclip"):
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"args": {"beta": beta, "model": "alignclip"}}))
+    (folder / "config.json").write_text(json.dumps({"args": {"beta": beta, "model": model}}))
     metrics = {"alignment": alignment, "gap": 1 - alignment, "zeroshot_shape_top1": shape, "i2t_R@1": shape / 2,
                "t2i_R@1": shape / 3, "zeroshot_color_top1": 90.0}
     (folder / "final_metrics.json").write_text(json.dumps(metrics))
@@ -3537,8 +3537,8 @@ def _finished_run(folder, beta, alignment, shape):
 
 
 def test_eval_tradeoff_plots_a_sweep_in_the_order_of_the_option(tmp_path, capsys):
-    runs = [_finished_run(tmp_path / f"b{b}", b, a, sh) for b, a, sh in ((1.0, 0.9, 30.0), (0.0, 0.6, 50.0),
-                                                                         (0.25, 0.8, 40.0))]
+    runs = [_finished_run(tmp_path / f"b{b}", b, a, sh) for b, a, sh in ((1.0, 0.9, 30.0), (0.25, 0.8, 40.0))]
+    runs.insert(1, _finished_run(tmp_path / "b0.0", 0.5, 0.6, 50.0, model="shared"))   # no IMSep: beta 0
     path = E.main(["tradeoff", *runs, "--out", str(tmp_path / "assets")])
     assert path == str(tmp_path / "assets" / "beta_tradeoff.png") and _is_png(path)
     rows = [l.split() for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
