@@ -1279,7 +1279,11 @@ def read_run(run_dir, key):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UsageError(f"{run_dir}: no {os.path.basename(missing[0])} (is it a finished train.py run folder?)")
-    config, metrics = (json.load(open(p, encoding="utf-8")) for p in paths)
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            docs.append(json.load(f))
+    config, metrics = docs
     run_args = config["args"]
     if key not in run_args:
         raise UsageError(f"{paths[0]}: no option {key!r}; choose one of {sorted(run_args)}")
