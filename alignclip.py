@@ -1589,7 +1589,7 @@ def _draw_object(draw, obj, size):
 
 def _random_object(rng, place, main, alone):
     """One object of a scene. The main object is always the largest and is large (radius 0.24-0.36
-    of the image side: many 8-pixel patches at 64 px, so its shape can be learned quickly) except
+    of the image side: 2-3 patches of 16 pixels across at 64 px, so its shape can be learned) except
     sometimes when alone (then radius 0.15-0.2, called small); the others are small (0.11-0.15)."""
     large = main and (not alone or rng.random() < 0.8)
     if large:
