@@ -1209,10 +1209,10 @@ def forward_flops_per_pair(c, text_tokens=None):
     """Matrix-multiply FLOPs of one image and one text forward pass (2 per multiply-add): for each
     of L blocks over n tokens of width W, 2 n W^2 (4 + 2 mlp_ratio) for the projections and MLP and
     4 n^2 W for attention; plus the patch embedding and the final projections. The text has
-    text_tokens positions: the trimmed length of the batch or of its length group (Collate drops the padding after the longest
-    caption), by default the full context. Causal attention is counted as full (as the kernels
-    mostly compute it). ViT-B-16: 35 GFLOP per image, 13 per 77-token text; a training step costs
-    about 3x the forward."""
+    text_tokens positions: the trimmed length of the batch or of its length group (Collate drops
+    the padding after the longest caption), by default the full context. Causal attention is
+    counted as full (as the kernels mostly compute it). ViT-B-16: 35 GFLOP per image, 13 per
+    77-token text; a training step costs about 3x the forward."""
     def tower(n, width, layers):
         return layers * (2 * n * width ** 2 * (4 + 2 * c.mlp_ratio) + 4 * n ** 2 * width)
     n_img = (c.image_size // c.patch_size) ** 2 + 1
