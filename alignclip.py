@@ -316,8 +316,8 @@ class ModelConfig:
             # (512 wide, 8 heads) and then projects to 512 like OpenCLIP's ViT-B-16.
             "ViT-B-16": dict(),
             # small enough to train in minutes on a laptop CPU (64 px images, 16 patches of 16 px)
-            "tiny": dict(image_size=64, patch_size=16, width=192, layers=4, heads=4, embed_dim=192,
-                         text_width=192, text_layers=4, text_heads=4, context_length=32),
+            "tiny": dict(image_size=64, patch_size=16, width=128, layers=4, heads=4, embed_dim=128,
+                         text_width=128, text_layers=4, text_heads=4, context_length=32),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
@@ -1588,14 +1588,11 @@ def _draw_object(draw, obj, size):
 
 
 def _random_object(rng, place, main, alone):
-    """One object of a scene. The main object is always the largest and is large (radius 0.24-0.36
-    of the image side: 2-3 patches of 16 pixels across at 64 px, so its shape can be learned) except
-    sometimes when alone (then radius 0.15-0.2, called small); the others are small (0.11-0.15)."""
-    large = main and (not alone or rng.random() < 0.8)
-    if large:
-        radius = rng.uniform(0.28, 0.36) if alone else rng.uniform(0.24, 0.3)
-    else:
-        radius = rng.uniform(0.15, 0.2) if main else rng.uniform(0.11, 0.15)
+    """One object of a scene. The main object is always large (radius 0.28-0.36 of the image side
+    alone, 0.24-0.3 with others: 2-3 patches of 16 pixels across at 64 px, so that its shape can be
+    learned in the default run's budget); the others are small (0.11-0.15)."""
+    large = main
+    radius = (rng.uniform(0.28, 0.36) if alone else rng.uniform(0.24, 0.3)) if main else rng.uniform(0.11, 0.15)
     reach = 0.2 if main else 0.32  # distance of the place from the centre; small objects sit further out
     (dx, dy), color = _PLACES[place][0], rng.randrange(len(_COLOR_WORDS))
     x = min(max(0.5 + reach * dx + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
@@ -1625,9 +1622,10 @@ def _object_phrase(rng, obj):
 class SyntheticScenes(Dataset):
     """Built-in image-caption pairs: 1-3 coloured shapes on a muted background, drawn on the fly.
 
-    Scenes: 1, 2 or 3 objects (70/20/10 %), each one of 8 shapes and 8 colours, small or large, at
-    one of 5 places; backgrounds plain, gradient, blotchy or grainy, of low saturation. Drawn at
-    supersample x image_size and box-filtered down (antialiasing); about 4,000 images/s on one core.
+    Scenes: 1, 2 or 3 objects (80/15/5 %), each one of 8 shapes and 8 colours (the main one large, the
+    others small), at one of 5 places; backgrounds plain, gradient, blotchy or grainy, of low
+    saturation. Drawn at supersample x image_size and box-filtered down (antialiasing); about 4,000
+    images/s on one core.
 
     Everything about image i is a function of (seed, split, i): no files, no state, any worker can
     draw any index. "train" and "val" draw from different seed streams. Each image has
@@ -1666,7 +1664,7 @@ class SyntheticScenes(Dataset):
         """{"objects": [main, others...], "background": {...}}; positions and radii in [0, 1]."""
         self._check(i)
         rng = random.Random(derive_seed("scene", self.seed, self.split, i))
-        n = rng.choices([1, 2, 3], weights=[0.7, 0.2, 0.1])[0]
+        n = rng.choices([1, 2, 3], weights=[0.8, 0.15, 0.05])[0]
         main_place = rng.choice(list(_PLACES))  # the others go to the sides, away from the main object
         places = [main_place] + rng.sample([p for p in _PLACES if p not in ("centre", main_place)], n - 1)
         objects = [_random_object(rng, place, main=k == 0, alone=n == 1) for k, place in enumerate(places)]

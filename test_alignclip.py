@@ -666,7 +666,7 @@ def test_head_count_is_never_guessed(tmp_path):
 @pytest.mark.parametrize("shared", [True, False])
 def test_our_presets_saved_as_bare_state_dicts_reload_exactly(shared):
     torch.manual_seed(0)
-    # 192 wide, 4 heads (not 192 / 64); a small vocabulary only to keep the test fast
+    # 128 wide, 4 heads (not 128 / 64); a small vocabulary only to keep the test fast
     model = A.CLIP(A.ModelConfig.preset("tiny", shared=shared, vocab_size=300, eot_id=299)).eval()
     loaded = A.load_model(model.state_dict()).eval()
     assert loaded.config.heads == 4 and (shared or loaded.config.text_heads == 4)

@@ -118,7 +118,7 @@ def optimisation_options(p):
     g.add_argument("--batch-size", type=int, default=128, help="pairs per step and per process")
     g.add_argument("--epochs", type=int, default=4, help="length of the schedule in epochs")
     g.add_argument("--steps", type=int, default=None, help="length of the schedule in steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=3e-4,
+    g.add_argument("--lr", type=float, default=5e-4,
                    help="peak learning rate (AdamW); the paper used 1e-3 at batch 512 on CC12M")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
     g.add_argument("--wd", type=float, default=0.1, help="weight decay (not on gains, biases, embeddings, scale)")
