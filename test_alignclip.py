@@ -1535,6 +1535,17 @@ def test_synthetic_labels_and_captions():
         assert all("{}" in t for t in templates) and len(templates) >= 3
 
 
+def test_synthetic_main_object_is_large_and_most_scenes_have_one_object():
+    ds = A.SyntheticScenes("train", size=2000)
+    counts = Counter()
+    for i in range(len(ds)):
+        main, *others = ds.scene(i)["objects"]
+        counts[1 + len(others)] += 1
+        assert main["large"] and main["radius"] >= (0.28 if not others else 0.24)
+        assert all(not o["large"] and o["radius"] <= 0.15 for o in others)
+    assert 0.76 < counts[1] / len(ds) < 0.84 and 0.12 < counts[2] / len(ds) < 0.18 and counts[3] > 0
+
+
 def test_synthetic_speed_is_printed():
     ds = A.SyntheticScenes("train", size=400)
     pairs = A.PairDataset(ds, A.image_transform(64, train=True))
