@@ -1592,7 +1592,10 @@ def _random_object(rng, place, main, alone):
     alone, 0.24-0.3 with others: 2-3 patches of 16 pixels across at 64 px, so that its shape can be
     learned in the default run's budget); the others are small (0.11-0.15)."""
     large = main
-    radius = (rng.uniform(0.28, 0.36) if alone else rng.uniform(0.24, 0.3)) if main else rng.uniform(0.11, 0.15)
+    if large:
+        radius = rng.uniform(0.28, 0.36) if alone else rng.uniform(0.24, 0.3)
+    else:
+        radius = rng.uniform(0.11, 0.15)
     reach = 0.2 if main else 0.32  # distance of the place from the centre; small objects sit further out
     (dx, dy), color = _PLACES[place][0], rng.randrange(len(_COLOR_WORDS))
     x = min(max(0.5 + reach * dx + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
