@@ -1,72 +1,61 @@
 """Evaluate CLIP, SharedCLIP and AlignCLIP checkpoints: every table and figure of the paper.
 
-Eslami & de Melo, "Mitigate the Gap: Improving Cross-Modal Alignment in CLIP", ICLR 2025.
-One subcommand per table; each takes one or more --checkpoint (this project's runs, the authors'
-released SharedCLIP/AlignCLIP weights, OpenCLIP or OpenAI CLIP weights) and prints the models side
-by side, paper style, then writes OUT/<subcommand>.json and any figure as PNG beside it.
+Eslami & de Melo, "Mitigate the Gap: Improving Cross-Modal Alignment in CLIP", ICLR 2025. Each command
+takes one or more --checkpoint (this project's runs, the authors' weights, OpenCLIP or OpenAI CLIP),
+prints the models side by side and writes OUT/<command>.json and its figures (PNG):
 
-    python eval.py alignment          --checkpoint A.pt --checkpoint B.pt   # Table 1, Figure 4
+    python eval.py alignment          --checkpoint A.pt --checkpoint B.pt          # Table 1, Figure 4
     python eval.py zeroshot           --checkpoint A.pt --datasets synthetic,cifar10,imagenet  # Tables 2, 4
-    python eval.py linear-probe       --checkpoint A.pt --datasets cifar10                 # Table 3
-    python eval.py retrieval          --checkpoint A.pt --datasets coco,flickr30k          # Table 5
-    python eval.py finetune-retrieval --checkpoint A.pt --datasets coco                    # Table 6
-    python eval.py dosnes             --checkpoint A.pt --checkpoint B.pt                  # Figure 5
+    python eval.py linear-probe       --checkpoint A.pt --datasets cifar10         # Table 3
+    python eval.py retrieval          --checkpoint A.pt --datasets coco,flickr30k  # Table 5
+    python eval.py finetune-retrieval --checkpoint A.pt --datasets coco            # Table 6 (runs train.py)
+    python eval.py dosnes             --checkpoint A.pt --checkpoint B.pt          # Figure 5
     python eval.py similarity         --checkpoint A.pt --images dog.jpg --texts "a dog" "a cat"  # Table 8
-    python eval.py all                --checkpoint A.pt --data-root data                   # all of it
-    python eval.py curves runs/cmp/clip-s0 runs/cmp/alignclip-s0 --out assets  # gap over training
-    python eval.py tradeoff runs/beta/* --key beta --out assets       # alignment vs accuracy, a sweep
-    python eval.py zeroshot --checkpoint s0.pt --label CLIP --checkpoint s1.pt --label CLIP  # mean +- std
+    python eval.py all                --checkpoint A.pt --data-root data   # every table whose data is here
+    python eval.py curves runs/clip-s0 runs/alignclip-s0 --out assets      # alignment and gap over training
+    python eval.py tradeoff runs/beta/* --key beta --out assets            # a sweep: alignment vs accuracy
+    python eval.py zeroshot --checkpoint s0.pt --label CLIP --checkpoint s1.pt --label CLIP   # mean +- std
 
-The synthetic scenes are built in, so every subcommand runs without any download. Other data sets
-are read from --data-root in torchvision's (or the usual) layout, listed in the README; a missing
-one is an error naming the expected layout and the option to set (`all` skips it and says why).
-Nothing is downloaded unless --download. Embeddings are computed once per (checkpoint, data set)
-and cached on disk (--cache-dir) and in memory, so comparing subcommands does not re-encode.
-Foreign checkpoints carry no tokenizer: pass --tokenizer bpe_simple_vocab_16e6.txt.gz (CLIP's merges).
-Checkpoints given the same --label are runs of one model (seeds): each is reported as 'LABEL #k', and a
-last table gives the mean and sample standard deviation over them.
+Caption sets (synthetic, coco, flickr30k, csv) are scored by A.evaluate, the protocol train.py validates with:
+by default the synthetic set is train.py's validation set, so a run scores here what its final_metrics.json
+says. Classification sets use CLIP's prompt ensembles. Data sets are read from --data-root (layouts: README),
+never downloaded unless --download; a missing one is an error naming its layout and option (`all` skips it and
+says why). Foreign checkpoints need --tokenizer bpe_simple_vocab_16e6.txt.gz (CLIP's merges).
 
-Left out on purpose: classification sets beyond the paper's (any other one runs as an ImageFolder
-with --imagefolder and --classnames), multi-GPU evaluation, and CLIP's hand-edited ImageNet class
-names: ImageNet names here are torchvision's (the first WordNet synonym), so ImageNet numbers may sit
-slightly below those reported with CLIP's names. Sections below: templates and class names, data
-sets, embeddings and their cache, tables and files, DOSNES, the tasks (one per table), command line.
+Left out: an embedding cache on disk (embeddings live in memory, once per checkpoint and data set),
+multi-GPU evaluation, CLIP's hand-edited ImageNet class names (torchvision's: ImageNet may score a little
+lower), other classification sets, COCO-format caption JSON (Karpathy splits only), WebDataset shards (use a
+CSV), fine-tuning loss options (each checkpoint is fine-tuned with its own: the run's, else clip/alignclip).
 """
 import argparse
-import copy
+import csv
 import functools
-import hashlib
 import json
 import math
 import os
 import re
 import statistics
+import subprocess
 import sys
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 
 import alignclip as A
-import train as T
 
 
 class UsageError(Exception):
-    """A problem the user fixes with an option (missing tokenizer, bad file): printed, no traceback."""
+    """A problem the user fixes with an option (a missing tokenizer, a bad file): one line, no traceback."""
 
 
 class MissingData(UsageError):
-    """A data set is not where it is expected; the message names the layout and the option."""
+    """A data set is not where it is expected; the message names its layout and the option to set."""
 
 
-# -----------------------------------------------------------------------------
-# Prompt templates (CLIP's, exactly as published with its zero-shot evaluation) and class names
-# -----------------------------------------------------------------------------
+# ---- Prompt templates: CLIP's, as published with its zero-shot evaluation ----
 
 CIFAR_TEMPLATES = [
     "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
@@ -78,40 +67,35 @@ CIFAR_TEMPLATES = [
 ]
 FLOWERS_TEMPLATES = ["a photo of a {}, a type of flower."]
 CARS_TEMPLATES = [
-    "a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-    "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}.",
+    "a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
+    "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}.",
 ]
-IMAGENET_TEMPLATES = [  # the 80 of CLIP's ImageNet prompt-engineering notebook, in its order
+IMAGENET_TEMPLATES = [  # the 80 of CLIP's ImageNet notebook, in its order
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
-    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.",
+    "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
+    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.",
+    "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.",
+    "the plastic {}.", "a photo of the cool {}.", "a close-up photo of a {}.",
+    "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
+    "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
     "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
     "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
-    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.",
+    "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 ]
 TEMPLATES = {"cifar": CIFAR_TEMPLATES, "flowers": FLOWERS_TEMPLATES, "cars": CARS_TEMPLATES,
              "imagenet": IMAGENET_TEMPLATES, "simple": ["a photo of a {}."]}
-
-
-def imagenet_classnames():
-    """The 1000 ImageNet-1K class names in class-index order (= sorted wnid order), as torchvision
-    ships them with its weights' metadata (no download)."""
-    from torchvision.models import ResNet50_Weights
-    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def read_lines(path, what):
@@ -121,620 +105,286 @@ def read_lines(path, what):
         return [line.strip() for line in f if line.strip()]
 
 
-def resolve_templates(spec, default):
-    """--templates: a name in TEMPLATES or a file with one template (with {}) per line."""
-    if spec is None:
-        return default
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    lines = read_lines(spec, "--templates")
+def templates(args, default):
+    """--templates: a name in TEMPLATES or a file of templates with {}, one a line; else the set's own."""
+    if args.templates is None or args.templates in TEMPLATES:
+        return TEMPLATES.get(args.templates, default)
+    lines = read_lines(args.templates, "--templates")
     if not all("{}" in t for t in lines):
-        raise UsageError(f"--templates {spec}: every line must contain {{}} where the class name goes")
+        raise UsageError(f"--templates {args.templates}: every line must hold {{}} where the class name goes")
     return lines
 
 
-# -----------------------------------------------------------------------------
-# Data sets. Every evaluation set is an EvalSet: a way to build a data set of (image tensor, label)
-# items for a given transform, plus what the task needs (class names and templates, or captions).
-# Labels are class indices (torchvision sets) or image indices (caption sets, synthetic scenes);
-# an item may be None (an unreadable image), which is dropped.
-# -----------------------------------------------------------------------------
+# ---- Data sets ----
+# An EvalSet: a map-style data set and what scoring it needs. Caption sets (item i = (image, first caption)
+# or None; captions(i): all of image i's) go to A.evaluate, class sets (image, class) to A.embed_images.
 
 
 @dataclass
 class EvalSet:
-    name: str                               # column title in the tables
-    key: str                                # identity of the images, for the embedding cache
-    base: Optional[Dataset] = None          # item i: None or (PIL image or uint8 tensor, label)
-    stream: Optional[Callable] = None       # or: transform -> IterableDataset of None or (tensor, label)
-    classnames: Optional[list] = None       # classification sets: one name per class
-    templates: Optional[list] = None        # ... and the prompt templates of the ensemble
-    captions: Optional[list] = None         # caption sets: captions[i] = the captions of image i
-    targets: Optional[list] = None          # class of image i when labels are image indices
-
-    def dataset(self, transform):
-        """Items None or (image tensor, label) for a DataLoader."""
-        return Items(self.base, transform) if self.base is not None else self.stream(transform)
-
-    @property
-    def size(self):
-        return len(self.base) if self.base is not None else None  # a stream has no known length
+    name: str                  # column title in the tables
+    key: str                   # what is encoded: sets with one key (shape, colour) share the embeddings
+    items: object              # the map-style data set, or image_size -> it (the synthetic scenes)
+    captions: bool = False     # a caption set: scored by A.evaluate
+    classnames: list = None    # classification: one name per class,
+    templates: list = None     # the prompt templates of its ensemble,
+    targets: list = None       # the class of item i,
+    label: str = None          # and for the synthetic scenes, which of A.evaluate's zero-shot labels
 
 
-class Items(Dataset):
-    """base[i] -> None or (image, label)  ==>  None or (transform(image): uint8 (3, S, S), label)."""
+def synthetic_set(name, args, split, classes=False):
+    """The scenes as a caption set, or as two classification sets (the main object's shape, its colour)."""
+    split, size = ("val", args.synthetic_size) if split == "test" else ("train", args.synthetic_train_size)
 
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
+    def items(image_size):   # the model's unless --synthetic-image-size: as train.py draws them
+        return A.SyntheticScenes(split, size=size, image_size=args.synthetic_image_size or image_size,
+                                 seed=args.synthetic_seed)
 
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        item = self.base[i]
-        return None if item is None else (self.transform(item[0]), item[1])
-
-
-class SyntheticItems(Dataset):
-    """Synthetic scenes as (PIL image, image index)."""
-
-    def __init__(self, scenes):
-        self.scenes = scenes
-
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, i):
-        return self.scenes.image(i), i
+    if not classes:
+        return [EvalSet("Synthetic", f"synthetic:{split}", items, captions=True)]
+    scenes = items(8)   # labels do not depend on the image size
+    return [EvalSet(f"Synthetic {label}", f"synthetic:{split}", items, captions=split == "val",
+                    classnames=names, templates=scenes.zeroshot_templates[label],
+                    targets=[scenes.labels(i)[label] for i in range(size)], label=label)
+            for label, names in scenes.label_names.items()]
 
 
-class CsvItems(Dataset):
-    """A.CsvPairs rows as (uint8 image tensor, row index); None for a bad row."""
-
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        item = self.pairs[i]
-        return None if item is None else (item[0], i)
-
-
-class ImageFiles(Dataset):
-    """A list of image paths as (uint8 (3, H, W) image tensor, index)."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        img = A.read_image(self.paths[i])
-        return None if img is None else (img, i)
-
-
-class ShardItems(IterableDataset):
-    """A.TarShards (already transformed) as (tensor, caption): the label is the caption itself."""
-
-    def __init__(self, shards):
-        self.shards = shards
-
-    def __iter__(self):
-        for item in self.shards:
-            yield None if item is None else (item["image"], item["caption"])
-
-
-def files_key(paths):
-    """Identity of a list of files: their paths, sizes and modification times."""
-    h = hashlib.sha1()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-# --- the synthetic scenes (always present) ---
-
-def synthetic_scenes(args, split):
-    size = args.synthetic_size if split == "test" else args.synthetic_train_size
-    return A.SyntheticScenes("val" if split == "test" else "train", size=size,
-                             image_size=args.synthetic_image_size, seed=args.synthetic_seed)
-
-
-def _synthetic_key(scenes):
-    return (f"synthetic:{scenes.split}:n={len(scenes)}:px={scenes.image_size}:seed={scenes.seed}"
-            f":cpi={scenes.captions_per_image}")
-
-
-def synthetic_pairs(args, split):
-    scenes = synthetic_scenes(args, split)
-    return [EvalSet("Synthetic", _synthetic_key(scenes), base=SyntheticItems(scenes),
-                    captions=[scenes.captions(i) for i in range(len(scenes))])]
-
-
-def synthetic_classes(args, split):
-    """Two classification tasks on the same images: the main object's shape and its colour."""
-    scenes = synthetic_scenes(args, split)
-    labels = [scenes.labels(i) for i in range(len(scenes))]
-    return [EvalSet(f"Synthetic {task}", _synthetic_key(scenes), base=SyntheticItems(scenes), classnames=names,
-                    targets=[y[task] for y in labels],
-                    templates=resolve_templates(args.templates, scenes.zeroshot_templates[task]))
-            for task, names in scenes.label_names.items()]
-
-
-# --- torchvision classification sets under --data-root ---
-
-TORCHVISION = {  # name: (display, torchvision class, folder torchvision expects, files, templates)
-    "cifar10": ("CIFAR-10", "CIFAR10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta", "cifar"),
-    "cifar100": ("CIFAR-100", "CIFAR100", "cifar-100-python", "train, test, meta", "cifar"),
-    "flowers102": ("Flowers-102", "Flowers102", "flowers-102", "jpg/, imagelabels.mat, setid.mat", "flowers"),
-    "cars": ("Stanford Cars", "StanfordCars", "stanford_cars",
-             "devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat", "cars"),
+TORCHVISION = {  # name: (display, torchvision class, folder it expects and its files, templates)
+    "cifar10": ("CIFAR-10", "CIFAR10", "cifar-10-batches-py/ (data_batch_1..5, test_batch, ...)", "cifar"),
+    "cifar100": ("CIFAR-100", "CIFAR100", "cifar-100-python/ (train, test, meta)", "cifar"),
+    "flowers102": ("Flowers-102", "Flowers102", "flowers-102/ (jpg/, imagelabels.mat, setid.mat)", "flowers"),
+    "cars": ("Stanford Cars", "StanfordCars",
+             "stanford_cars/ (devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat)", "cars"),
 }
 
 
 def torchvision_set(name, args, split):
     import torchvision.datasets as tvd
-    display, cls, folder, files, templates = TORCHVISION[name]
-    kw = {"train": split == "train"} if name.startswith("cifar") else {"split": split}
+    display, cls, layout, kind = TORCHVISION[name]
+    where = os.path.join(args.data_root, layout.split("/")[0])
     try:
-        ds = getattr(tvd, cls)(args.data_root, download=args.download, **kw)
+        split_kw = {"train": split == "train"} if name.startswith("cifar") else {"split": split}
+        ds = getattr(tvd, cls)(args.data_root, download=args.download, **split_kw)
     except (RuntimeError, FileNotFoundError, OSError) as e:
-        where = os.path.join(args.data_root, folder)
         hint = "torchvision can no longer download it" if name == "cars" else "or pass --download to fetch it"
         found = f" ({where} exists but torchvision says: {e})" if os.path.exists(where) else ""
-        raise MissingData(f"{display} not found: expected {where}/ ({files}); set --data-root DIR, {hint}"
-                          f"{found}") from None
-    classnames = [c.replace("_", " ") for c in ds.classes]
-    return [EvalSet(display, f"{name}:{split}:{os.path.abspath(args.data_root)}:n={len(ds)}",
-                    base=ds, classnames=classnames,
-                    templates=resolve_templates(args.templates, TEMPLATES[templates]))]
-
-
-# --- ImageNet and its variants (ImageFolder layouts) ---
-
-WNID = re.compile(r"n\d{8}$")
-
-
-class NumberedImageFolder(ImageFolder):
-    """ImageNet-V2's layout: class folders named 0 .. 999 by class index (so not sorted as text)."""
-
-    def find_classes(self, directory):
-        return numbered_classes(directory)
-
-
-def numbered_classes(directory):
-    classes = sorted((d.name for d in os.scandir(directory) if d.is_dir() and d.name.isdigit()), key=int)
-    return classes, {c: int(c) for c in classes}
-
-
-def _folder_classes(root):
-    return sorted(d.name for d in os.scandir(root) if d.is_dir())
-
-
-def imagenet_wnids(args):
-    """The 1000 wnids in class-index order: --imagenet-wnids, else the ImageNet val folder's names."""
-    if args.imagenet_wnids:
-        wnids = [line.split()[0] for line in read_lines(args.imagenet_wnids, "--imagenet-wnids")]
-    else:
-        val = args.imagenet_val or os.path.join(args.data_root, "imagenet", "val")
-        wnids = _folder_classes(val) if os.path.isdir(val) else []
-    if len(wnids) != 1000 or not all(WNID.match(w) for w in wnids):
-        raise MissingData("ImageNet-R and -A hold 200 of the 1000 classes as wnid folders; to map them to class "
-                          "indices give --imagenet-val DIR (ImageNet val as 1000 <wnid>/ folders) or "
-                          "--imagenet-wnids FILE (the 1000 wnids in class order, one per line)")
-    return wnids
+        raise MissingData(f"{display} not found: expected {os.path.join(args.data_root, layout)}; "
+                          f"set --data-root DIR, {hint}{found}") from None
+    # every item's class without decoding its image; torchvision names that list differently per set
+    targets = getattr(ds, "targets", None) or getattr(ds, "_labels", None) or [y for _, y in ds._samples]
+    return [EvalSet(display, f"{name}:{split}", ds, classnames=[c.replace("_", " ") for c in ds.classes],
+                    templates=templates(args, TEMPLATES[kind]), targets=list(targets))]
 
 
 IMAGENET = {  # name: (display, default folder under --data-root, option, layout)
-    "imagenet": ("ImageNet-1K", "imagenet/val", "--imagenet-val", "1000 <wnid>/ folders of JPEGs (n01440764/ ...)"),
+    "imagenet": ("ImageNet-1K", "imagenet/val", "--imagenet-val", "1000 <wnid>/ folders (n01440764/ ...)"),
     "imagenet-v2": ("ImageNet-V2", "imagenetv2-matched-frequency-format-val", "--imagenet-v2",
                     "1000 folders 0/ .. 999/ named by class index"),
     "imagenet-r": ("ImageNet-R", "imagenet-r", "--imagenet-r", "200 <wnid>/ folders"),
     "imagenet-a": ("ImageNet-A", "imagenet-a", "--imagenet-a", "200 <wnid>/ folders"),
-    "imagenet-sketch": ("ImageNet-Sketch", "imagenet-sketch/sketch", "--imagenet-sketch", "1000 <wnid>/ folders"),
-}  # ImageNet-Sketch also found one level up (DATA_ROOT/imagenet-sketch/<wnid>/)
+    "imagenet-sketch": ("ImageNet-Sketch", "imagenet-sketch/sketch", "--imagenet-sketch",
+                        "1000 <wnid>/ folders"),
+}
 
 
-def _imagenet_root(name, args, split):
+def subfolders(root):
+    return sorted(d.name for d in os.scandir(root) if d.is_dir()) if os.path.isdir(root) else []
+
+
+def imagenet_set(name, args, split):
     display, default, option, layout = IMAGENET[name]
     if split == "train":
         if name != "imagenet":
             raise MissingData(f"{display} has no training split (linear probe: use imagenet)")
-        root, option = args.imagenet_train or os.path.join(args.data_root, "imagenet", "train"), "--imagenet-train"
-    else:
-        root = getattr(args, option[2:].replace("-", "_")) or os.path.join(args.data_root, default)
-        if name == "imagenet-sketch" and not os.path.isdir(root) and os.path.isdir(os.path.dirname(root)):
-            root = os.path.dirname(root)
-    if not os.path.isdir(root):
-        raise MissingData(f"{display} not found: expected {root}/ with {layout}; set {option} DIR "
-                          f"(or --data-root)")
-    return root, display, option, layout
+        default, option = "imagenet/train", "--imagenet-train"
+    root = getattr(args, option[2:].replace("-", "_")) or os.path.join(args.data_root, default)
+    if name == "imagenet-sketch" and not os.path.isdir(root) and os.path.isdir(os.path.dirname(root)):
+        root = os.path.dirname(root)   # also found one level up: DATA_ROOT/imagenet-sketch/<wnid>/
+    from torchvision.models import ResNet50_Weights   # the 1000 class names in class-index (= wnid) order
+    names, classes = ResNet50_Weights.IMAGENET1K_V1.meta["categories"], subfolders(root)
+    if name in ("imagenet-r", "imagenet-a") and classes:   # 200 of the classes: named by the wnids' order
+        val = args.imagenet_val or os.path.join(args.data_root, "imagenet", "val")
+        wnids = ([line.split()[0] for line in read_lines(args.imagenet_wnids, "--imagenet-wnids")]
+                 if args.imagenet_wnids else subfolders(val))
+        if len(wnids) != 1000:
+            raise MissingData(f"{display}: to name its wnid folders give --imagenet-val DIR (1000 <wnid>/ "
+                              "folders) or --imagenet-wnids FILE (the 1000 wnids in class order)")
+        names = [names[wnids.index(c)] for c in classes if c in wnids]
+    numbered = all(c.isdigit() for c in classes)   # V2's folders are class indices, the others' wnids
+    if not classes or len(classes) != len(names) or numbered != (name == "imagenet-v2"):
+        raise MissingData(f"{display}: expected {root}/ with {layout} (found {len(classes)} folders); "
+                          f"set {option} DIR (or --data-root)")
+    ds = ImageFolder(root)
+    # V2's folders are class indices, which ImageFolder sorts as text ("10" before "2"): map them back
+    targets = [int(ds.classes[t]) for t in ds.targets] if name == "imagenet-v2" else ds.targets
+    return [EvalSet(display, f"{name}:{split}", ds, classnames=list(names), targets=targets,
+                    templates=templates(args, IMAGENET_TEMPLATES))]
 
 
-def imagenet_set(name, args, split):
-    root, display, option, layout = _imagenet_root(name, args, split)
-    names = imagenet_classnames()
-    classes = _folder_classes(root)
-    if name == "imagenet-v2":
-        classes = numbered_classes(root)[0]
-        ok = len(classes) == 1000
-    elif name in ("imagenet-r", "imagenet-a"):
-        ok = all(WNID.match(c) for c in classes) and len(classes) > 0
-        wnids = imagenet_wnids(args)
-        unknown = [c for c in classes if c not in wnids]
-        if unknown:
-            raise UsageError(f"{display}: folders {unknown[:3]} are not ImageNet-1K wnids")
-        names = [names[wnids.index(c)] for c in classes]  # the subset, in the folder's (sorted) order
-    else:
-        ok = len(classes) == 1000 and all(WNID.match(c) for c in classes)
-    if not ok:
-        raise MissingData(f"{display}: {root} does not hold {layout} (found {len(classes)} folders); "
-                          f"set {option} DIR")
-    ds = (NumberedImageFolder if name == "imagenet-v2" else ImageFolder)(root)
-    return [EvalSet(display, f"{name}:{split}:{os.path.abspath(root)}:n={len(ds)}", base=ds, classnames=names,
-                    templates=resolve_templates(args.templates, IMAGENET_TEMPLATES))]
+class CaptionFiles(torch.utils.data.Dataset):
+    """Image files and their captions: item i = (uint8 image, first caption), or None if it cannot be read;
+    captions(i) = every caption of image i."""
+
+    def __init__(self, images, captions):
+        self.images, self.caps = images, captions
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = A.read_image(self.images[i])
+        return None if img is None else (img, self.caps[i][0])
+
+    def captions(self, i):
+        return self.caps[i]
 
 
-def custom_folder_set(args, split):
-    """--imagefolder DIR: any ImageFolder; class names from --classnames (one per line, in sorted
-    folder order), else the folder names themselves."""
-    if not args.imagefolder:
-        raise MissingData("no --imagefolder given (an ImageFolder: one sub-folder of images per class)")
-    if split == "train":
-        raise MissingData("--imagefolder has no training split")
-    if not os.path.isdir(args.imagefolder):
-        raise MissingData(f"--imagefolder {args.imagefolder}: not a folder")
-    ds = ImageFolder(args.imagefolder)
-    names = read_lines(args.classnames, "--classnames") if args.classnames else \
-        [c.replace("_", " ") for c in ds.classes]
-    if len(names) != len(ds.classes):
-        raise UsageError(f"--classnames has {len(names)} names but {args.imagefolder} has "
-                         f"{len(ds.classes)} class folders")
-    name = os.path.basename(os.path.normpath(args.imagefolder))
-    return [EvalSet(name, f"imagefolder:{os.path.abspath(args.imagefolder)}:n={len(ds)}", base=ds,
-                    classnames=names, templates=resolve_templates(args.templates, IMAGENET_TEMPLATES))]
+def read_karpathy(path, images_dir, split, option):
+    """(image paths, captions of each) of a Karpathy JSON's split ("train": train + restval)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not (data.get("images") and "sentences" in data["images"][0]):
+        raise UsageError(f"{path}: not a Karpathy split JSON ('images', each with 'sentences')")
+    keep = ("train", "restval") if split == "train" else ("test",)
+    entries = [([os.path.join(images_dir, im.get("filepath", ""), im["filename"]),
+                 os.path.join(images_dir, im["filename"])], [s["raw"].strip() for s in im["sentences"]])
+               for im in data["images"] if im["split"] in keep and im["sentences"]]
+    found = [next((p for p in where if os.path.isfile(p)), None) for where, _ in entries]
+    missing = [where[0] for p, (where, _) in zip(found, entries) if p is None]
+    if missing or not entries:
+        raise MissingData(f"{len(missing)} of {len(entries)} images listed in {path} are missing" + (
+            f", e.g. {missing[0]}" if missing else f" (none of the {split} split)") + f"; set {option} DIR")
+    return found, [caps for _, caps in entries]
 
 
-# --- caption sets: MSCOCO / Flickr30K (Karpathy split or COCO format), CSV, WebDataset shards ---
-
-def load_json(path, args):
-    """json.load, kept for the rest of this run in args (dataset_coco.json is large and read by
-    several tasks)."""
-    cache = vars(args).setdefault("_json_cache", {})
-    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
-    if key not in cache:
-        with open(path, encoding="utf-8") as f:
-            cache[key] = json.load(f)
-    return cache[key]
-
-
-def read_caption_json(data, path, images_dir, split):
-    """(image paths, captions per image) from a Karpathy split JSON ("images" with "split" and
-    "sentences"; split "train" = train + restval) or a COCO captions JSON (every image in the file)."""
-    if "annotations" in data:
-        caps = {}
-        for a in data["annotations"]:
-            caps.setdefault(a["image_id"], []).append(a["caption"].strip())
-        sub = os.path.basename(path).rsplit(".", 1)[0].replace("captions_", "")  # captions_val2017 -> val2017
-        entries = [([os.path.join(images_dir, im["file_name"]), os.path.join(images_dir, sub, im["file_name"])],
-                    caps.get(im["id"], [])) for im in sorted(data["images"], key=lambda im: im["id"])]
-    elif _is_karpathy(data):
-        keep = {"train": ("train", "restval"), "test": ("test",), "val": ("val",)}[split]
-        entries = [([os.path.join(images_dir, im.get("filepath", ""), im["filename"]),
-                     os.path.join(images_dir, im["filename"])], [s["raw"].strip() for s in im["sentences"]])
-                   for im in data["images"] if im["split"] in keep]
-    else:
-        raise UsageError(f"{path}: neither a Karpathy split JSON ('images' with 'sentences') nor a COCO "
-                         "captions JSON ('images' and 'annotations')")
-    return _resolve_images(entries, path)
-
-
-def _resolve_images(entries, json_path):
-    paths, captions, missing = [], [], []
-    for candidates, caps in entries:
-        found = next((p for p in candidates if os.path.isfile(p)), None)
-        if found is None:
-            missing.append(candidates[0])
-        elif caps:
-            paths.append(found)
-            captions.append(caps)
-    if missing:
-        raise MissingData(f"{len(missing)} of {len(entries)} images listed in {json_path} are missing, "
-                          f"e.g. {missing[0]}")
-    if not paths:
-        raise MissingData(f"{json_path} lists no image of the requested split")
-    return paths, captions
-
-
-CAPTION_SETS = {  # name: (display, Karpathy JSON, COCO test JSON, COCO train JSON, image folder)
-    "coco": ("MSCOCO", "coco/dataset_coco.json", "coco/annotations/captions_val2017.json",
-             "coco/annotations/captions_train2017.json", "coco"),
-    "flickr30k": ("Flickr30K", "flickr30k/dataset_flickr30k.json", None, None, "flickr30k/flickr30k-images"),
+CAPTION_SETS = {  # name: (display, option prefix, Karpathy split JSON and images under --data-root)
+    "coco": ("MSCOCO", "coco", "coco/dataset_coco.json", "coco"),
+    "flickr30k": ("Flickr30K", "flickr", "flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images"),
 }
 
 
-def _is_karpathy(data):
-    return bool(data.get("images")) and "sentences" in data["images"][0]
-
-
-def _caption_json(name, args, split):
-    """The captions JSON of a split: the option if given (for training, --X-json serves too if it is a
-    Karpathy split, which holds both splits), else the first default file present."""
-    display, karpathy, coco_test, coco_train, _ = CAPTION_SETS[name]
-    prefix = "coco" if name == "coco" else "flickr"
-    test = getattr(args, f"{prefix}_json")
-    if split == "train":
-        given = getattr(args, f"{prefix}_train_json") or (test if test and os.path.isfile(test) and
-                                                          _is_karpathy(load_json(test, args)) else None)
-    else:
-        given = test
-    defaults = [karpathy, coco_train if split == "train" else coco_test]
-    candidates = [given] if given else [os.path.join(args.data_root, p) for p in defaults if p]
-    for c in candidates:
-        if os.path.isfile(c):
-            return c, display, prefix
-    opt = f"--{prefix}-train-json" if split == "train" else f"--{prefix}-json"
-    raise MissingData(f"{display} ({split}): no captions JSON; tried {', '.join(candidates)}; expected a Karpathy "
-                      f"split JSON (dataset_{name}.json) or a COCO captions JSON; set {opt} FILE and "
-                      f"--{prefix}-images DIR (or --data-root)")
-
-
 def caption_set(name, args, split):
-    path, display, prefix = _caption_json(name, args, split)
-    images = (getattr(args, f"{prefix}_train_images") if split == "train" else None) or \
-        getattr(args, f"{prefix}_images") or os.path.join(args.data_root, CAPTION_SETS[name][4])
-    try:
-        paths, captions = read_caption_json(load_json(path, args), path, images, split)
-    except MissingData as e:
-        raise MissingData(f"{display}: {e}; set --{prefix}-images DIR") from None
-    return [EvalSet(display, f"{name}:{split}:{files_key([path])}:{files_key(paths)}:n={len(paths)}",
-                    base=ImageFiles(paths), captions=captions)]
+    """MSCOCO or Flickr30K, from its Karpathy split JSON (which holds the test and the training split)."""
+    display, opt, karpathy, folder = CAPTION_SETS[name]
+    path = getattr(args, f"{opt}_json") or os.path.join(args.data_root, karpathy)
+    if not os.path.isfile(path):
+        raise MissingData(f"{display}: no Karpathy split JSON (dataset_{name}.json) at {path}; set "
+                          f"--{opt}-json FILE and --{opt}-images DIR (or --data-root)")
+    images = getattr(args, f"{opt}_images") or os.path.join(args.data_root, folder)
+    pairs = CaptionFiles(*read_karpathy(path, images, split, f"--{opt}-images"))
+    return [EvalSet(display, f"{name}:{split}", pairs, captions=True)]
 
 
-def csv_set(args, split):
+def csv_set(name, args, split):
     if not args.csv:
         raise MissingData("no --csv given (a CSV/TSV of image paths and captions, e.g. CC3M validation)")
+    how = {"image_key": "--csv-img-key", "caption_key": "--csv-caption-key", "sep": "--csv-separator"}
     try:
-        pairs = A.CsvPairs(args.csv, image_key=args.csv_image_key, caption_key=args.csv_caption_key,
-                           options={"image_key": "--csv-image-key", "caption_key": "--csv-caption-key"})
+        pairs = A.CsvPairs(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator, options=how)
     except (FileNotFoundError, ValueError) as e:
         raise MissingData(f"--csv: {e}") from None
-    return [EvalSet(os.path.basename(args.csv), f"csv:{files_key([args.csv])}:{args.csv_image_key}",
-                    base=CsvItems(pairs), captions=[[c] for c in pairs.texts])]
+    return [EvalSet(os.path.basename(args.csv), "csv", pairs, captions=True)]
 
 
-def shards_set(args, split):
-    if not args.shards:
-        raise MissingData("no --shards given (WebDataset .tar shards, e.g. 'cc3m-val/{0000..0015}.tar')")
-    urls = A.expand_braces(args.shards)
-    missing = [u for u in urls if not os.path.isfile(u)]
-    if not urls or missing:
-        raise MissingData(f"--shards {args.shards}: {len(missing)} of {len(urls)} shards missing"
-                          + (f", e.g. {missing[0]}" if missing else ""))
-    pattern = args.shards
-    return [EvalSet("shards", f"shards:{files_key(urls)}",
-                    stream=lambda t: ShardItems(A.TarShards(pattern, t, shuffle=False)))]
-
-
-PAIR_SETS = {"synthetic": synthetic_pairs, "coco": functools.partial(caption_set, "coco"),
-             "flickr30k": functools.partial(caption_set, "flickr30k"), "csv": csv_set, "shards": shards_set}
-CLASS_SETS = {"synthetic": synthetic_classes, "imagefolder": custom_folder_set,
-              **{n: functools.partial(torchvision_set, n) for n in TORCHVISION},
-              **{n: functools.partial(imagenet_set, n) for n in IMAGENET}}
+PAIR_SETS = {"synthetic": synthetic_set, "coco": caption_set, "flickr30k": caption_set, "csv": csv_set}
+CLASS_SETS = {"synthetic": functools.partial(synthetic_set, classes=True),
+              **dict.fromkeys(TORCHVISION, torchvision_set), **dict.fromkeys(IMAGENET, imagenet_set)}
 
 
 def build_sets(kind, name, args, split="test"):
-    """The EvalSets of one data set name; kind "pairs", "classes" or "either" (pairs first)."""
+    """The EvalSets of one data set name; kind "pairs", "classes" or "either" (caption sets first)."""
     registries = {"pairs": [PAIR_SETS], "classes": [CLASS_SETS], "either": [PAIR_SETS, CLASS_SETS]}[kind]
     for registry in registries:
         if name in registry:
-            return registry[name](args, split)
-    known = sorted(set().union(*registries))
-    raise UsageError(f"unknown data set {name!r} for this task; choose from {', '.join(known)}")
+            return registry[name](name, args, split)
+    known = ", ".join(sorted(set().union(*registries)))
+    raise UsageError(f"unknown data set {name!r} for this command; choose from {known}")
 
 
-# -----------------------------------------------------------------------------
-# Embeddings: batched, under no_grad, bf16 on CUDA; cached on disk (keyed by the checkpoint's path,
-# size and mtime, the data set's identity and the transform) and in memory within one run.
-# -----------------------------------------------------------------------------
+# ---- Checkpoints, and their embeddings kept in memory for this run ----
 
 
-def _collate(items):
-    kept = [x for x in items if x is not None]
-    if not kept:
-        return None
-    return torch.stack([x[0] for x in kept]), [x[1] for x in kept]   # (B, 3, S, S), labels
+@dataclass
+class Checkpoint:
+    label: str                 # column name in the tables
+    path: str
+    model: nn.Module           # on --device, in eval mode
+    tokenizer: A.Tokenizer
+    options: dict              # the options train.py stored with the run ({} for foreign files)
+    memo: dict = field(default_factory=dict)   # EvalSet.key -> embeddings: `all` encodes each set once
 
 
-class Encoder:
-    """One checkpoint: the model (loaded on first use) and its cached embeddings."""
+def load_checkpoint(path, label, args):
+    if not os.path.isfile(path):
+        raise UsageError(f"--checkpoint {path}: no such file")
+    heads = args.heads if args.text_heads is None else (args.heads, args.text_heads)
+    try:
+        obj = A.read_checkpoint(path)
+        model, tokenizer = A.load_model(obj, activation=args.activation, with_tokenizer=True, heads=heads)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--checkpoint {path}: {e}") from None
+    tokenizer = A.Tokenizer.from_file(args.tokenizer) if args.tokenizer else tokenizer
+    if tokenizer is None:
+        raise UsageError(f"{path} stores no tokenizer (released or OpenCLIP weights): pass --tokenizer PATH "
+                         "to CLIP's merges file bpe_simple_vocab_16e6.txt.gz")
+    c = model.config
+    if (tokenizer.vocab_size, tokenizer.eot_id) != (c.vocab_size, c.eot_id):
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} ids (end of text {tokenizer.eot_id}) but "
+                         f"{path} expects {c.vocab_size} (end of text {c.eot_id}); check --tokenizer")
+    options = (obj.get("args") or {}) if "config" in obj else {}
+    return Checkpoint(label, path, model.to(args.device).eval(), tokenizer, options)
 
-    def __init__(self, path, label, args):
-        self.path, self.label, self.args = os.path.abspath(path), label, args
-        self.device = torch.device(args.device)
-        self.memory = {}
-        self.train_args = None       # the "args" stored in this project's checkpoints
-        self._model = self._tokenizer = None
-        if not os.path.isfile(self.path):
-            raise UsageError(f"--checkpoint {path}: no such file")
 
-    # --- the model and its tokenizer ---
-
-    def _load(self):
+def embed(ck, s, args):
+    """What the tasks read of set s under checkpoint ck, computed once per run. Caption sets: A.evaluate's
+    "metrics", "image" (n, d), "text" (pairs, d) of the raw captions and "owner" (pairs,), the image of
+    each caption; other sets: "image" (n, d). With classes, "y" (n,): the class of each image."""
+    if s.key not in ck.memo:
+        items = s.items(ck.model.config.image_size) if callable(s.items) else s.items
+        print(f"{ck.label}: encoding {s.key} ({len(items)} images)", flush=True)
         try:
-            obj = A.read_checkpoint(self.path)
-            self.train_args = obj.get("args") if "config" in obj else None
-            model, tokenizer = A.load_model(obj, activation=self.args.activation, with_tokenizer=True,
-                                            heads=foreign_heads(self.args))
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--checkpoint {self.path}: {e}") from None
-        del obj
-        if self.args.tokenizer:
-            tokenizer = A.Tokenizer.from_file(self.args.tokenizer)
-        if tokenizer is None:
-            raise UsageError(f"{self.path} stores no tokenizer (released or OpenCLIP weights): pass --tokenizer "
-                             "PATH to CLIP's merges file bpe_simple_vocab_16e6.txt.gz")
-        c = model.config
-        if tokenizer.vocab_size != c.vocab_size or tokenizer.eot_id != c.eot_id:
-            raise UsageError(f"tokenizer has {tokenizer.vocab_size} ids (end of text {tokenizer.eot_id}) but "
-                             f"{self.path} expects {c.vocab_size} (end of text {c.eot_id}); check --tokenizer")
-        self._model, self._tokenizer = model.to(self.device).eval(), tokenizer
-
-    @property
-    def model(self):
-        if self._model is None:
-            self._load()
-        return self._model
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._load()
-        return self._tokenizer
-
-    def checkpoint_args(self):
-        """The training options stored in this project's checkpoints (None for foreign ones)."""
-        if self._model is None:
-            self._load()
-        return self.train_args
-
-    # --- caching ---
-
-    def _fingerprint(self):
-        st = os.stat(self.path)
-        tok = self.args.tokenizer
-        precision = "bf16" if self.device.type == "cuda" else "fp32"   # bf16 embeddings differ slightly
-        return [self.path, st.st_size, st.st_mtime_ns, self.args.activation, precision,
-                files_key([tok]) if tok else None] + ([foreign_heads(self.args)] if self.args.heads else [])
-
-    def _cached(self, kind, identity, compute):
-        key = hashlib.sha1(json.dumps([self._fingerprint(), kind, identity]).encode()).hexdigest()[:24]
-        if key in self.memory:
-            return self.memory[key]
-        path = os.path.join(self.args.cache_dir, f"{kind}-{key}.pt") if self.args.cache_dir else None
-        if path and os.path.isfile(path):
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            value = compute()
-            if path:
-                A.save_checkpoint(value, path)  # atomic write: a crash never leaves half a cache file
-        self.memory[key] = value
-        return value
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    # --- embeddings ---
-
-    def images(self, s: EvalSet):
-        """(N, D) image embeddings and the N labels of the readable images of s."""
-        out = self._cached("images", [s.key, "eval-transform-uint8"], lambda: self._encode_images(s))
-        return out["emb"], out["labels"]
-
-    @torch.no_grad()
-    def _encode_images(self, s):
-        transform = A.image_transform(self.model.config.image_size, train=False)
-        loader = DataLoader(s.dataset(transform), batch_size=self.args.batch_size, num_workers=self.args.workers,
-                            collate_fn=_collate, pin_memory=self.device.type == "cuda")
-        embs, labels = [], []
-        with tqdm(total=s.size, desc=f"{self.label} | {s.name}", unit="img") as bar:
-            for batch in loader:
-                if batch is None:
-                    continue
-                with self._autocast():
-                    images = A.normalize_images(batch[0].to(self.device, non_blocking=True))  # uint8 -> float here
-                    embs.append(self.model.encode_image(images).float().cpu())
-                labels += batch[1]
-                bar.update(len(batch[1]))
-        emb = torch.cat(embs) if embs else torch.empty(0, self.model.config.embed_dim)
-        return {"emb": emb, "labels": labels}
-
-    def texts(self, texts):
-        """(M, D) text embeddings of a list of strings."""
-        digest = hashlib.sha1(json.dumps(texts).encode()).hexdigest()
-        return self._cached("texts", [digest, len(texts)], lambda: self._encode_texts(texts))
-
-    @torch.no_grad()
-    def _encode_texts(self, texts):
-        with self._autocast():
-            return A.embed_texts(self.model, self.tokenizer, texts, self.args.batch_size, self.device)
-
-    def classifier(self, classnames, templates):
-        """(C, D) zero-shot class embeddings: the prompt-template ensemble of every class name."""
-        digest = hashlib.sha1(json.dumps([classnames, templates]).encode()).hexdigest()
-        return self._cached("classifier", digest, lambda: self._encode_classes(classnames, templates))
-
-    @torch.no_grad()
-    def _encode_classes(self, classnames, templates):
-        with self._autocast():
-            return A.zeroshot_classifier(self.model, self.tokenizer, classnames, templates, self.device).float().cpu()
-
-    def release(self):
-        """Free the model (its embeddings stay cached)."""
-        self._model = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if s.captions:
+                prompt = None if args.no_prompt else args.retrieval_prompt
+                metrics, e = A.evaluate(ck.model, ck.tokenizer, items, args.device, args.batch_size,
+                                        args.workers, prompt=prompt, return_embeddings=True)
+                # kept=None: A.evaluate keeps every synthetic scene (the one caption set with classes)
+                ck.memo[s.key] = dict(e, metrics=metrics, kept=None)
+            else:
+                Ev, kept = A.embed_images(ck.model, items, args.device, args.batch_size, args.workers,
+                                          progress=True)
+                ck.memo[s.key] = {"image": Ev, "kept": kept}
+        except ValueError as e:   # e.g. not one image of the set could be read
+            raise UsageError(f"{s.name}: {e}") from None
+    e = ck.memo[s.key]
+    y = None if s.targets is None else torch.tensor(s.targets)
+    return e if y is None else dict(e, y=y if e["kept"] is None else y[e["kept"]])
 
 
-def foreign_heads(args):
-    """--heads / --text-heads as load_model's heads= (None: from the table of released models)."""
-    if args.text_heads is not None and args.heads is None:
-        raise UsageError("--text-heads needs --heads (the image tower's, or the shared transformer's)")
-    if args.heads is None:
-        return None
-    return args.heads if args.text_heads is None else (args.heads, args.text_heads)
+# ---- Tables, labels, figures ----
 
 
-def class_targets(s, labels):
-    """Class index per encoded image: the labels themselves, or looked up when they are image indices."""
-    return torch.tensor([s.targets[i] for i in labels] if s.targets is not None else labels)
+def table(title, header, rows):
+    """Plain text: the first column left-aligned, the others right-aligned."""
+    rows = [[str(c) for c in r] for r in [header] + rows]
+    widths = [max(map(len, col)) for col in zip(*rows)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    rule = "-" * len(lines[0])
+    return "\n".join([title, rule, lines[0], rule, *lines[1:], rule])
 
 
-def image_captions(s, labels):
-    """Captions of each encoded image (shards carry their caption as the label)."""
-    return [s.captions[i] for i in labels] if s.captions is not None else [[c] for c in labels]
+def model_table(title, results, cell):
+    """Rows: checkpoints; columns: data sets; results[data set][checkpoint] -> cell(metrics)."""
+    sets = [d for d in results if not d.startswith("_")]
+    labels = list(dict.fromkeys(label for d in sets for label in results[d]))
+    print(table(title, ["model"] + sets, [[label] + [cell(results[d][label]) if label in results[d] else "-"
+                                                      for d in sets] for label in labels]))
+    return results
 
 
-def flatten_captions(captions, prompt=None):
-    """[[c, ...], ...] -> texts, and text_to_image: the image each text describes."""
-    texts = [prompt.format(c) if prompt else c for caps in captions for c in caps]
-    owner = [i for i, caps in enumerate(captions) for _ in caps]
-    return texts, owner
-
-
-# -----------------------------------------------------------------------------
-# Tables and output files
-# -----------------------------------------------------------------------------
-
-
-def model_table(title, results, cell, datasets=None):
-    """Rows: checkpoints; columns: data sets; results[dataset][label] -> cell(metrics)."""
-    datasets = datasets or list(results)
-    labels = list(dict.fromkeys(label for d in datasets for label in results[d]))
-    rows = [[label] + [cell(results[d][label]) if label in results[d] else "-" for d in datasets]
-            for label in labels]
-    return T.format_table(title, ["model"] + datasets, rows)
-
-
-def new_figure(n_panels, projection=None, size=4.0):
-    import matplotlib
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(size * n_panels, size))
-    axes = [fig.add_subplot(1, n_panels, i + 1, projection=projection) for i in range(n_panels)]
-    return plt, fig, axes
-
-
-def save_figure(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+HEADLINES = {  # task: its metrics in the mean +- std table of runs sharing a --label
+    "alignment": ["alignment", "gap"], "zeroshot": ["top1"], "linear-probe": ["top1"],
+    "retrieval": ["i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"], "finetune-retrieval": ["i2t_R@1", "t2i_R@1"]}
 
 
 def checkpoint_labels(paths, given=None):
@@ -743,9 +393,7 @@ def checkpoint_labels(paths, given=None):
     if given:
         if len(given) != len(paths):
             raise UsageError(f"{len(given)} --label for {len(paths)} --checkpoint")
-        groups = seed_groups(given)
-        return [f"{g} #{groups[g].index(i) + 1}" if g in groups else g
-                for i, g in enumerate(given)]
+        return [f"{g} #{given[:i].count(g) + 1}" if given.count(g) > 1 else g for i, g in enumerate(given)]
     parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
     for n in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-n:]).removesuffix(".pt") for p in parts]
@@ -754,208 +402,157 @@ def checkpoint_labels(paths, given=None):
     return [f"{i}:{p}" for i, p in enumerate(paths)]
 
 
-def seed_groups(given):
-    """{label: positions of its checkpoints} for the labels given to more than one checkpoint."""
-    groups = {}
-    for i, g in enumerate(given or []):
-        groups.setdefault(g, []).append(i)
-    return {g: pos for g, pos in groups.items() if len(pos) > 1}
-
-
-def mean_std(per_dataset, groups):
-    """{data set: {model: {metric: [mean, sample std]}}} over the runs of each group, numbers only.
-    per_dataset: one task's results, {data set: {run label: metrics}}; groups: {model: run labels}."""
+def mean_std(per_task, groups):
+    """{task: {data set: {model: {metric: [mean, sample std]}}}} over each group's runs ({model: labels})."""
     out = {}
-    for dataset, per_run in per_dataset.items():
-        if dataset.startswith("_") or not isinstance(per_run, dict):
-            continue
-        for model, runs in groups.items():
-            metrics = [per_run[r] for r in runs if r in per_run]
-            if len(metrics) < 2:
-                continue
-            out.setdefault(dataset, {})[model] = T.mean_std(metrics)
+    for task in HEADLINES.keys() & per_task.keys():
+        for dataset, runs in per_task[task].items():
+            for model, labels in groups.items():
+                ms = [runs[r] for r in labels if not dataset.startswith("_") and r in runs]
+                if len(ms) > 1:
+                    out.setdefault(task, {}).setdefault(dataset, {})[model] = {
+                        k: [statistics.mean(m[k] for m in ms), statistics.stdev(m[k] for m in ms)]
+                        for k, v in ms[0].items() if type(v) in (int, float)}
     return out
 
 
-def mean_std_table(stats, groups):
-    """One row per (headline metric, data set), one column per model: mean +- std over its runs."""
-    rows = []
-    for task, metrics in HEADLINES.items():
-        for dataset, per_model in stats.get(task, {}).items():
-            for key, short, fmt in metrics:
-                cells = [per_model.get(m, {}).get(key) for m in groups]
-                rows.append([f"{short}, {dataset}"] +
-                            ["-" if c is None else T.mean_std_cell(c, fmt) for c in cells])
-    runs = {len(r) for r in groups.values()}
-    n = f"{runs.pop()} runs" if len(runs) == 1 else "its runs"
-    return T.format_table(f"Mean +- sample std over {n} of each --label", ["metric"] + list(groups), rows)
+def figure(n_panels, projection=None, size=4.0):
+    from matplotlib.figure import Figure   # not pyplot: no window, no global state, nothing to close
+    fig = Figure(figsize=(size * n_panels, size))
+    return fig, [fig.add_subplot(1, n_panels, i + 1, projection=projection) for i in range(n_panels)]
 
 
-# -----------------------------------------------------------------------------
-# DOSNES (Lu, Corander & Yang, 2019): doubly stochastic neighbour embedding on spheres.
-# t-SNE's input affinities, made doubly stochastic by Sinkhorn-Knopp so that every point has the same
-# total affinity (which removes SNE's crowding at the centre), embedded in 3-D with t-SNE's
-# Student-t kernel and the points projected back onto a sphere after every step.
-# -----------------------------------------------------------------------------
+def save_figure(fig, folder, name):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    print(f"wrote {path}")
+    return path
 
 
-def _squared_distances(X):
-    sq = (X * X).sum(1)
-    return (sq[:, None] + sq[None, :] - 2 * X @ X.T).clamp_min(0)   # (N, N)
-
-
-def _perplexity_affinities(D2, perplexity, steps=64):
-    """Row-stochastic P[i, j] = p(j | i) ∝ exp(-beta_i D2[i, j]), beta_i found by bisection so that
-    every row has the given perplexity (exp of its entropy), as in t-SNE."""
-    N = D2.shape[0]
-    D2 = D2 + torch.diag(torch.full((N,), float("inf"), dtype=D2.dtype, device=D2.device))  # no self-affinity
-    lo = torch.full((N,), -30.0, dtype=D2.dtype, device=D2.device)   # bisection on log(beta)
-    hi = torch.full((N,), 30.0, dtype=D2.dtype, device=D2.device)
-    target = math.log(perplexity)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        logp = torch.log_softmax(-D2 * mid.exp()[:, None], dim=1)           # (N, N)
-        p = logp.exp()
-        entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)  # (N,)
-        too_flat = entropy > target                                          # beta must grow
-        lo, hi = torch.where(too_flat, mid, lo), torch.where(too_flat, hi, mid)
-    return torch.softmax(-D2 * ((lo + hi) / 2).exp()[:, None], dim=1)
-
-
-def sinkhorn_knopp(M, tol=1e-12, max_iter=10_000):
-    """Scale a non-negative symmetric matrix to be doubly stochastic: alternately divide by column
-    and row sums until both are 1 within tol; the symmetric average keeps that and is symmetric."""
-    P = M.clone()
-    for _ in range(max_iter):
-        P = P / P.sum(0, keepdim=True)
-        P = P / P.sum(1, keepdim=True)
-        if (P.sum(0) - 1).abs().max() < tol:
-            break
-    return (P + P.T) / 2
+# ---- DOSNES (Lu, Corander & Yang, 2019): doubly stochastic neighbour embedding on spheres, Figure 5 ----
+# t-SNE's input affinities made doubly stochastic (every point has the same total affinity: no crowding at
+# the centre), embedded in 3-D with t-SNE's Student-t kernel and put back on a sphere after every step.
 
 
 def dosnes_affinities(X, perplexity=30.0, device="cpu"):
-    """(N, N) float64 input affinities of DOSNES: symmetric, zero diagonal, rows and columns sum to 1."""
+    """(N, N) float64 input affinities: symmetric, zero diagonal, rows and columns summing to 1. Each row
+    first as in t-SNE: p(j | i) ∝ exp(-beta_i |x_i - x_j|^2), beta_i found by bisection on its log so
+    that the row's perplexity (the exp of its entropy) is the one asked for; then symmetrised and made
+    doubly stochastic by Sinkhorn-Knopp (columns, then rows scaled to sum to 1, until within 1e-12)."""
     X = torch.as_tensor(X).to(device, torch.float64)
     N = X.shape[0]
     if N < 4:
         raise ValueError("DOSNES needs at least 4 points")
-    P = _perplexity_affinities(_squared_distances(X), min(perplexity, (N - 1) / 3))
-    return sinkhorn_knopp((P + P.T) / 2)
+    D2 = torch.cdist(X, X) ** 2 + torch.diag(torch.full((N,), float("inf"), dtype=X.dtype, device=X.device))
+    lo, hi = torch.full_like(X[:, 0], -30.0), torch.full_like(X[:, 0], 30.0)   # (N,) bounds on log beta
+    target = math.log(min(perplexity, (N - 1) / 3))
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        logp = torch.log_softmax(-D2 * mid.exp()[:, None], dim=1)                # (N, N)
+        entropy = -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(1)
+        too_flat = entropy > target                                               # (N,): beta must grow
+        lo, hi = torch.where(too_flat, mid, lo), torch.where(too_flat, hi, mid)
+    P = torch.softmax(-D2 * ((lo + hi) / 2).exp()[:, None], dim=1)
+    P = (P + P.T) / 2
+    for _ in range(10_000):
+        P = P / P.sum(0, keepdim=True)
+        P = P / P.sum(1, keepdim=True)
+        if (P.sum(0) - 1).abs().max() < 1e-12:
+            break
+    return (P + P.T) / 2
 
 
 def dosnes(X, n_iter=1000, perplexity=30.0, seed=0, learning_rate=500.0, device="cpu"):
-    """(N, 3) float32 points on the unit sphere embedding the rows of X (N, D).
-
-    Symmetric t-SNE (Student-t kernel, KL(P || Q), gradient descent with momentum and per-coordinate
-    gains, as in van der Maaten's reference code that DOSNES builds on) on the doubly stochastic P;
-    after every step the points are centred and put back on a sphere of their mean radius, which
-    the optimisation is free to grow. Returned normalised to radius 1.
-    """
+    """(N, 3) float32 points on the unit sphere embedding the rows of X (N, D): symmetric t-SNE (KL(P || Q),
+    momentum and gains, as van der Maaten's reference code) on the doubly stochastic P; after each step
+    the points are centred and put back on a sphere of their mean radius (free to grow)."""
     P = dosnes_affinities(X, perplexity, device)
-    P = (P / P.sum()).clamp_min(1e-300)                                     # joint probabilities
+    P = (P / P.sum()).clamp_min(1e-300)                                          # joint probabilities
     g = torch.Generator().manual_seed(seed)
     Y = 1e-4 * torch.randn(P.shape[0], 3, generator=g, dtype=torch.float64).to(device)
     step, gains = torch.zeros_like(Y), torch.ones_like(Y)
     for it in range(n_iter):
-        num = 1 / (1 + _squared_distances(Y))                               # (N, N) Student-t kernel
+        num = 1 / (1 + torch.cdist(Y, Y) ** 2)                                   # (N, N) Student-t kernel
         num.fill_diagonal_(0)
-        Q = (num / num.sum()).clamp_min(1e-300)
-        L = (P - Q) * num                                                   # (N, N)
-        grad = 4 * (L.sum(0)[:, None] * Y - L @ Y)                          # (N, 3) dKL/dY
+        L = (P - (num / num.sum()).clamp_min(1e-300)) * num                      # (N, N)
+        grad = 4 * (L.sum(0)[:, None] * Y - L @ Y)                               # (N, 3) dKL/dY
         gains = torch.where(torch.sign(grad) != torch.sign(step), gains + 0.2, gains * 0.8).clamp_min(0.01)
         step = (0.5 if it < 250 else 0.8) * step - learning_rate * gains * grad
         Y = Y + step
-        Y = Y - Y.mean(0)                                                   # spherical projection
+        Y = Y - Y.mean(0)                                                        # centred, then on a sphere
         radius = Y.norm(dim=1, keepdim=True).clamp_min(1e-12)
         Y = Y * (radius.mean() / radius)
     return (Y / Y.norm(dim=1, keepdim=True)).float().cpu()
 
 
-# -----------------------------------------------------------------------------
-# Tasks: one per table. Each takes the encoders (one per checkpoint), the EvalSets and the options,
-# prints its table and returns {data set: {checkpoint label: metrics}}.
-# -----------------------------------------------------------------------------
+# ---- The tasks, one per table: each prints it and returns {data set: {checkpoint label: metrics}} ----
 
 
-def paired_embeddings(enc, s, args):
-    """(image, text) embedding pairs: every caption with its image, or every image with the prompt
-    of its class (classification sets)."""
-    img, labels = enc.images(s)
-    if s.classnames is None:
-        texts, owner = flatten_captions(image_captions(s, labels))
-        return img[owner], enc.texts(texts)
-    prompts = enc.texts([args.alignment_prompt.format(c) for c in s.classnames])
-    return img, prompts[class_targets(s, labels)]
-
-
-def alignment_metrics(img, txt):
-    score = float(A.alignment_score(img, txt))
-    return {"alignment_score": score, "mean_angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, score)))),
-            "modality_gap": float(A.modality_gap(img, txt)), "pairs": len(img)}
-
-
-def task_alignment(encoders, sets, args):
-    """Table 1 and Figure 4: alignment score, mean angle, modality gap; CDF of paired cosines."""
-    results, cosines = {}, {}
+def task_alignment(cks, sets, args):
+    """Table 1 and Figure 4: alignment score (Eq. 5), mean angle, modality gap; CDF of the paired cosines."""
+    results, cosines = {s.name: {} for s in sets}, {s.name: {} for s in sets}
     for s in sets:
-        results[s.name], cosines[s.name] = {}, {}
-        for enc in encoders:
-            img, txt = paired_embeddings(enc, s, args)
-            results[s.name][enc.label] = alignment_metrics(img, txt)
-            cosines[s.name][enc.label] = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
-    print(model_table("Table 1: alignment score (mean angle in degrees, modality gap)", results,
-                      lambda m: f"{m['alignment_score']:.2f} ({m['mean_angle_deg']:.1f}, {m['modality_gap']:.2f})"))
-    results["_figures"] = [plot_cdf(cosines, os.path.join(args.out, "figure4_alignment_cdf.png"))]
-    return results
-
-
-def plot_cdf(cosines, path):
-    """One panel per data set, one curve per checkpoint: the empirical CDF of the paired cosines."""
-    plt, fig, axes = new_figure(len(cosines))
+        for ck in cks:
+            e = embed(ck, s, args)
+            if s.captions:   # every caption with its image: A.evaluate's numbers, as train.py reports them
+                img, txt, m = e["image"][e["owner"]], e["text"], e["metrics"]
+            else:            # each image with the prompt of its class
+                prompts = [args.alignment_prompt.format(c) for c in s.classnames]
+                img = e["image"]
+                txt = A.embed_texts(ck.model, ck.tokenizer, prompts, args.device, args.batch_size)[e["y"]]
+                score = A.alignment_score(img, txt).item()
+                m = {"alignment": score, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, score)))),
+                     "gap": A.modality_gap(img, txt).item(), "pairs": len(img)}
+            results[s.name][ck.label] = {k: m[k] for k in ("alignment", "angle_deg", "gap", "pairs")}
+            cosines[s.name][ck.label] = F.cosine_similarity(img, txt, dim=-1).sort().values   # (pairs,)
+    model_table("Table 1: alignment score (mean angle in degrees, modality gap)", results,
+                lambda m: f"{m['alignment']:.3f} ({m['angle_deg']:.1f}, {m['gap']:.3f})")
+    fig, axes = figure(len(cosines))   # Figure 4: one panel per data set, one curve per checkpoint
     for ax, (name, curves) in zip(axes, cosines.items()):
-        for label, c in curves.items():
-            x = c.sort().values.numpy()
-            ax.plot(x, (torch.arange(1, len(x) + 1) / len(x)).numpy(), label=label)
+        for label, x in curves.items():
+            ax.plot(x.numpy(), (torch.arange(1, len(x) + 1) / len(x)).numpy(), label=label)
         ax.set(title=name, xlabel="cosine similarity of the pair", ylabel="cumulative fraction of pairs")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(plt, fig, path)
+    return dict(results, _figures=[save_figure(fig, args.out, "figure4_alignment_cdf.png")])
 
 
-def task_zeroshot(encoders, sets, args):
+def task_zeroshot(cks, sets, args):
     """Tables 2 and 4: zero-shot top-1 / top-5 with prompt-template ensembles."""
-    results = {}
+    results = {s.name: {} for s in sets}
     for s in sets:
-        results[s.name] = {}
-        for enc in encoders:
-            img, labels = enc.images(s)
-            logits = img @ enc.classifier(s.classnames, s.templates).T             # (N, C)
-            acc = A.accuracy(logits, class_targets(s, labels), topk=(1, 5))
-            results[s.name][enc.label] = {"top1": acc[1], "top5": acc[5], "images": len(img),
-                                          "classes": len(s.classnames), "templates": len(s.templates)}
-    print(model_table("Tables 2 and 4: zero-shot accuracy, top-1 / top-5 (%)", results,
-                      lambda m: f"{m['top1']:.1f} / {m['top5']:.1f}"))
-    return results
+        for ck in cks:
+            e = embed(ck, s, args)
+            if s.label:   # the synthetic scenes: A.evaluate's own numbers (train.py's final_metrics.json)
+                top = {k: e["metrics"][f"zeroshot_{s.label}_top{k}"] for k in (1, 5)}
+            else:
+                W = A.zeroshot_classifier(ck.model, ck.tokenizer, s.classnames, s.templates, args.device)
+                top = A.accuracy(e["image"] @ W.float().cpu().T, e["y"], topk=(1, 5))   # (n, C) logits
+            results[s.name][ck.label] = {"top1": top[1], "top5": top[5], "images": len(e["image"]),
+                                         "classes": len(s.classnames)}
+    return model_table("Tables 2 and 4: zero-shot accuracy, top-1 / top-5 (%)", results,
+                       lambda m: f"{m['top1']:.1f} / {m['top5']:.1f}")
 
 
 def train_probe(x, y, n_classes, args, device):
-    """Logistic regression on frozen features: one linear layer (zero init), AdamW, cosine schedule."""
+    """Logistic regression on frozen embeddings: one linear layer from zero, AdamW, a cosine schedule
+    from the first step (no warm-up), a new shuffle each epoch."""
     probe = nn.Linear(x.shape[1], n_classes).to(device)
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.probe_lr, weight_decay=args.probe_weight_decay)
-    schedule = argparse.Namespace(lr=args.probe_lr, warmup=0)   # cosine decay from the first step
-    per_epoch = math.ceil(len(x) / args.probe_batch_size)
+    b, g = args.probe_batch_size, torch.Generator().manual_seed(args.seed)
+    per_epoch = math.ceil(len(x) / b)
     total = args.probe_epochs * per_epoch
-    g = torch.Generator().manual_seed(args.seed)
     x, y = x.to(device), y.to(device)
     for step in range(total):
         if step % per_epoch == 0:
             order = torch.randperm(len(x), generator=g).to(device)
-        idx = order[(step % per_epoch) * args.probe_batch_size:][:args.probe_batch_size]
+        idx = order[(step % per_epoch) * b:][:b]
         for group in opt.param_groups:
-            group["lr"] = T.learning_rate(step, total, schedule)
+            group["lr"] = A.cosine_lr(step, total, args.probe_lr, warmup=0)
         loss = F.cross_entropy(probe(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -963,681 +560,373 @@ def train_probe(x, y, n_classes, args, device):
     return probe
 
 
-def task_linear_probe(encoders, set_pairs, args):
-    """Table 3: top-1 of a linear probe trained on the train split's frozen embeddings."""
-    results = {}
-    for train_set, test_set in set_pairs:
-        results[test_set.name] = {}
-        for enc in encoders:
-            xtr, ltr = enc.images(train_set)
-            xte, lte = enc.images(test_set)
-            probe = train_probe(xtr, class_targets(train_set, ltr), len(train_set.classnames), args, enc.device)
+def task_linear_probe(cks, set_pairs, args):
+    """Table 3: top-1 of a linear probe trained on the train split's frozen image embeddings."""
+    results = {test.name: {} for _, test in set_pairs}
+    for train, test in set_pairs:
+        for ck in cks:
+            tr, te = embed(ck, train, args), embed(ck, test, args)
+            probe = train_probe(tr["image"], tr["y"], len(train.classnames), args, args.device)
             with torch.no_grad():
-                logits = probe(xte.to(enc.device)).cpu()
-            acc = A.accuracy(logits, class_targets(test_set, lte), topk=(1,))[1]
-            results[test_set.name][enc.label] = {"top1": acc, "train_images": len(xtr), "test_images": len(xte)}
-    print(model_table("Table 3: linear probe, top-1 (%)", results, lambda m: f"{m['top1']:.1f}"))
-    return results
+                top1 = A.accuracy(probe(te["image"].to(args.device)).cpu(), te["y"], topk=(1,))[1]
+            results[test.name][ck.label] = {"top1": top1, "train_images": len(tr["image"]),
+                                            "test_images": len(te["image"])}
+    return model_table("Table 3: linear probe, top-1 (%)", results, lambda m: f"{m['top1']:.1f}")
 
 
-def retrieval_metrics(enc, s, args):
-    img, labels = enc.images(s)
-    texts, owner = flatten_captions(image_captions(s, labels), None if args.no_prompt else args.retrieval_prompt)
-    out = A.retrieval_recall(img, enc.texts(texts), owner, ks=(1, 5, 10))
-    return dict(out, images=len(img), captions=len(texts))
+def finetune(ck, train, args):
+    """Fine-tune ck on a train split by train.py (one training loop in the project) with the paper's recipe
+    (AdamW, lr 5e-6, wd 0.2, batch 128, cosine, no warm-up); returns the run's last.pt and its --model."""
+    name = train.key.split(":")[0]
+    folder = os.path.join(args.out, "finetune", re.sub(r"\W+", "_", ck.label) + "-" + name)
+    os.makedirs(folder, exist_ok=True)
+    init = ck.path if ck.options else os.path.join(folder, "init.pt")
+    if not ck.options:   # a foreign file, saved in our format: train.py then needs no --heads or --activation
+        A.atomic_write(init, {"model": {k: v.cpu() for k, v in ck.model.state_dict().items()}, "args": {},
+                              "config": asdict(ck.model.config),
+                              "tokenizer": [" ".join(m) for m in ck.tokenizer.merges]})
+    if name == "synthetic":   # train.py draws the scenes itself
+        n = args.finetune_synthetic_size
+        data = ["--data", "synthetic", "--train-size", str(n), "--val-size", str(args.synthetic_size)]
+    else:   # a CSV of one row per caption, absolute paths (train.py reads relative ones from its folder)
+        rows = [(os.path.abspath(p), c) for p, cs in zip(train.items.images, train.items.caps) for c in cs]
+        with open(os.path.join(folder, "train.csv"), "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("filepath", "title")] + rows)
+        n, data = len(rows), ["--data", os.path.join(folder, "train.csv")]
+    # the run's own model and loss (train.py stores them resolved: beta 0 is CLIP's loss); a foreign file:
+    # clip for two towers, alignclip for one shared transformer
+    kind = ck.options.get("model") or ("alignclip" if ck.model.config.shared else "clip")
+    loss = ["--no-rescale"] if ck.options.get("no_rescale") else []
+    loss += [f"--{k.replace('_', '-')}={v}" for k, v in ck.options.items()
+             if k in ("alpha", "beta", "separate", "semantic_model") and v is not None]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+           "--init-from", init, *data, "--model", kind, *loss,
+           "--epochs", str(args.finetune_epochs or {"coco": 8, "flickr30k": 20}.get(name, 1)),   # the paper's
+           "--lr", str(args.finetune_lr), "--wd", str(args.finetune_weight_decay),
+           "--batch-size", str(min(args.finetune_batch_size, n)), "--warmup", "0", "--seed", str(args.seed),
+           "--device", str(args.device), "--workers", str(args.workers), "--out", folder]
+    cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    print("$ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise UsageError(f"fine-tuning {ck.label} on {name}: train.py failed (its message is above)")
+    return os.path.join(folder, "last.pt"), kind
 
 
-def retrieval_cell(m):
-    return (f"{m['i2t_R@1']:.1f} {m['i2t_R@5']:.1f} {m['i2t_R@10']:.1f} | "
-            f"{m['t2i_R@1']:.1f} {m['t2i_R@5']:.1f} {m['t2i_R@10']:.1f}")
+def task_retrieval(cks, sets, args, tuned=False):
+    """Table 5: image->text and text->image recall@1/5/10 (A.evaluate's), every caption put into
+    --retrieval-prompt. tuned: Table 6, sets are (train, test) and each checkpoint is first fine-tuned
+    on the train split (the runs are kept under OUT/finetune)."""
+    results, keys = {}, [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    for train, test in sets if tuned else [(None, s) for s in sets]:
+        results[test.name] = {}
+        for ck in cks:
+            model, run = ck, {}
+            if tuned:
+                path, kind = finetune(ck, train, args)
+                model, run = load_checkpoint(path, ck.label, args), {"checkpoint": path, "model": kind}
+            m = embed(model, test, args)["metrics"]
+            results[test.name][ck.label] = dict({k: m[k] for k in keys}, images=m["images"],
+                                                captions=m["pairs"], **run)
+    recalls = lambda m, i: " ".join(f"{m[k]:.1f}" for k in keys[i:i + 3])   # noqa: E731
+    return model_table(f"Table {'6: fine-tuned' if tuned else '5: zero-shot'} retrieval, R@1 R@5 R@10 "
+                       "image->text | text->image (%)", results,
+                       lambda m: f"{recalls(m, 0)} | {recalls(m, 3)}")
 
 
-def task_retrieval(encoders, sets, args):
-    """Table 5: image->text and text->image recall@1/5/10."""
-    results = {s.name: {enc.label: retrieval_metrics(enc, s, args) for enc in encoders} for s in sets}
-    print(model_table("Table 5: zero-shot retrieval, R@1 R@5 R@10 image->text | text->image (%)", results,
-                      retrieval_cell))
-    return results
-
-
-# --- fine-tuning for retrieval (Table 6) ---
-
-# the paper's for MSCOCO and Flickr30K; one pass over the synthetic scenes keeps `all` to minutes on a CPU
-FINETUNE_EPOCHS = {"coco": 8, "flickr30k": 20, "synthetic": 1}
-
-
-class TrainItems(Dataset):
-    """(train-transformed image, image index); the crop is seeded by (seed, epoch, index)."""
-
-    def __init__(self, base, transform, seed, epoch):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, epoch
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        item = self.base[i]
-        if item is None:
-            return None
-        return self.transform(item[0], A.seeded_generator("crop", self.seed, self.epoch, i)), i
-
-
-def loss_settings(enc, args):
-    """The fine-tuning loss: the checkpoint's own training loss (our runs), else --loss (default clip)."""
-    train = enc.checkpoint_args() or {}
-    kind = args.loss if args.loss != "auto" else ("alignclip" if train.get("model") == "alignclip" else "clip")
-    rescale = not train["no_rescale"] if "no_rescale" in train else train.get("rescale", True)
-
-    def pick(name, default):   # the option if given, else the checkpoint's, else the paper's
-        return getattr(args, name) if getattr(args, name) is not None else train.get(name, default)
-    return {"loss": kind, "alpha": pick("alpha", 1.0), "beta": pick("beta", 0.5),
-            "separate": pick("separate", "image"), "rescale": bool(rescale and not args.no_rescale),
-            "semantic_model": args.semantic_model or train.get("semantic_model")}
-
-
-def semantic_cache(all_captions, settings, args):
-    """Sentence embeddings of every training caption (AlignCLIP's rescaling), built once, cached."""
-    model = settings["semantic_model"] or A.default_semantic_model()
-    settings["semantic_model"] = model
-    return A.SemanticCache.build(all_captions, model=model, cache_dir=os.path.join(args.cache_dir or args.out,
-                                 "semantic"), device=args.device)
-
-
-def finetune_options(settings, args):
-    """train.py's options (its defaults) with the fine-tuning's loss, learning rate and weight decay:
-    what its make_optimizer, learning_rate and train_step read. No warm-up: cosine decay from the start."""
-    return argparse.Namespace(**dict(vars(T.parse_args([])), model=settings["loss"], alpha=settings["alpha"],
-                                     beta=settings["beta"], separate=settings["separate"],
-                                     no_rescale=not settings["rescale"], lr=args.finetune_lr,
-                                     wd=args.finetune_weight_decay, warmup=0))
-
-
-def pick_caption(captions, seed, epoch, i):
-    """One caption per image and epoch, chosen by (seed, epoch, index): reproducible."""
-    return captions[A.derive_seed("caption", seed, epoch, i) % len(captions)]
-
-
-def finetune(enc, train_set, name, args):
-    """Fine-tune a copy of enc's model on train_set with its training loss, by train.py's optimizer,
-    schedule and step (bf16 autocast on CUDA); returns the saved path."""
-    settings = loss_settings(enc, args)
-    epochs = args.finetune_epochs or FINETUNE_EPOCHS.get(name, 8)
-    used = {pick_caption(caps, args.seed, epoch, i) for epoch in range(epochs)   # only these are looked up
-            for i, caps in enumerate(train_set.captions)}
-    cache = semantic_cache(sorted(used), settings, args) if settings["loss"] == "alignclip" and settings["rescale"] \
-        else None
-    model, device = copy.deepcopy(enc.model).float().train(), enc.device
-    options = finetune_options(settings, args)
-    opt, dtype = T.make_optimizer(model, options, device), torch.bfloat16 if device.type == "cuda" else None
-    transform, base = A.image_transform(model.config.image_size, train=True), train_set.base
-    batch = min(args.finetune_batch_size, len(base))
-    total, step = epochs * (len(base) // batch), 0
-    with tqdm(total=total * batch, desc=f"{enc.label} | fine-tune {train_set.name}", unit="img") as bar:
-        for epoch in range(epochs):
-            sampler = RandomSampler(base, generator=torch.Generator().manual_seed(A.derive_seed(args.seed, epoch)))
-            loader = DataLoader(TrainItems(base, transform, args.seed, epoch), batch_size=batch, sampler=sampler,
-                                num_workers=args.workers, collate_fn=_collate, drop_last=True)
-            for images_idx in loader:
-                if images_idx is None:
-                    continue
-                images, idx = images_idx
-                captions = [pick_caption(train_set.captions[i], args.seed, epoch, i) for i in idx]
-                tokens = A.tokenize(enc.tokenizer, captions, model.config.context_length)   # (B, T') trimmed
-                pairs = {"image": images, "tokens": tokens,
-                         "semantic": cache.lookup(captions) if cache is not None else None}
-                lr = T.learning_rate(step, total, options)
-                loss, _, _ = T.train_step(model, opt, None, dtype, pairs, options, lr)
-                step += 1
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-    return save_finetuned(model, enc, name, settings, epochs, args)
-
-
-def save_finetuned(model, enc, name, settings, epochs, args):
-    """Our checkpoint format (config, model, tokenizer merges, args), written atomically."""
-    train = dict(enc.checkpoint_args() or {})
-    train.update({"model": settings["loss"] if settings["loss"] == "alignclip" else
-                  ("clip" if not model.config.shared else "shared"),
-                  "alpha": settings["alpha"], "beta": settings["beta"], "separate": settings["separate"],
-                  "rescale": settings["rescale"], "no_rescale": not settings["rescale"],
-                  "semantic_model": settings["semantic_model"]})
-    train["finetune"] = {"from": enc.path, "dataset": name, "epochs": epochs, "lr": args.finetune_lr,
-                         "weight_decay": args.finetune_weight_decay, "batch_size": args.finetune_batch_size,
-                         "loss": settings["loss"]}
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", enc.label)
-    path = os.path.join(args.save_dir or args.out, f"finetuned-{safe}-{name}.pt")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    A.save_checkpoint({"config": asdict(model.config), "model": state, "args": train,
-                       "tokenizer": [" ".join(m) for m in enc.tokenizer.merges]}, path)
-    print(f"wrote {path}")
-    return path
-
-
-def task_finetune(encoders, set_pairs, args):
-    """Table 6: retrieval after fine-tuning on the train split; the checkpoints are saved."""
-    results = {}
-    for name, train_set, test_set in set_pairs:
-        results[test_set.name] = {}
-        for enc in encoders:
-            path = finetune(enc, train_set, name, args)
-            tuned = Encoder(path, enc.label, args)
-            results[test_set.name][enc.label] = dict(retrieval_metrics(tuned, test_set, args), checkpoint=path,
-                                                     loss=loss_settings(enc, args)["loss"])
-            tuned.release()
-    print(model_table("Table 6: fine-tuned retrieval, R@1 R@5 R@10 image->text | text->image (%)", results,
-                      retrieval_cell))
-    return results
-
-
-# --- DOSNES figure (Figure 5) and similarities (Table 8) ---
-
-def task_dosnes(encoders, sets, args):
-    """Figure 5: N images and N captions (the first of each image), DOSNES on the sphere."""
+def task_dosnes(cks, sets, args):
+    """Figure 5: N images and their N first captions, by DOSNES on the sphere."""
     results = {"_figures": []}
     for s in sets:
-        panels, results[s.name] = [], {}
-        for enc in encoders:
-            img, labels = enc.images(s)
-            n = min(args.dosnes_n, len(img))
-            txt = enc.texts([caps[0] for caps in image_captions(s, labels[:n])])
-            Y = dosnes(torch.cat([img[:n], txt]), n_iter=args.dosnes_iterations, perplexity=args.perplexity,
-                       seed=args.seed, device=enc.device)
-            panels.append((enc.label, Y, n))
-            results[s.name][enc.label] = {"points": n, "modality_gap": float(A.modality_gap(img[:n], txt))}
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", s.name)
-        results["_figures"].append(plot_sphere(panels, s.name, os.path.join(args.out, f"figure5_dosnes_{safe}.png")))
+        results[s.name] = {}
+        fig, axes = figure(len(cks), projection="3d")
+        for ax, ck in zip(axes, cks):
+            e = embed(ck, s, args)
+            n = min(args.dosnes_n, len(e["image"]))
+            first = torch.searchsorted(e["owner"], torch.arange(n))   # captions come grouped by image
+            img, txt = e["image"][:n], e["text"][first]
+            Y = dosnes(torch.cat([img, txt]), args.dosnes_iterations, args.perplexity, args.seed,
+                       device=args.device)
+            results[s.name][ck.label] = {"points": n, "gap": A.modality_gap(img, txt).item()}
+            ax.scatter(*Y[:n].T.numpy(), s=4, c="tab:blue", label="image")
+            ax.scatter(*Y[n:].T.numpy(), s=4, c="tab:orange", label="text")
+            ax.set_box_aspect((1, 1, 1))
+            ax.set(title=f"{ck.label}\n{s.name}", xticks=[], yticks=[], zticks=[])
+        axes[0].legend(loc="upper left", fontsize=8)
+        results["_figures"].append(save_figure(fig, args.out, f"figure5_dosnes_{s.name}.png"))
     return results
 
 
-def plot_sphere(panels, title, path):
-    plt, fig, axes = new_figure(len(panels), projection="3d")
-    for ax, (label, Y, n) in zip(axes, panels):
-        ax.scatter(*Y[:n].T.numpy(), s=4, c="tab:blue", label="image")
-        ax.scatter(*Y[n:].T.numpy(), s=4, c="tab:orange", label="text")
-        ax.set_box_aspect((1, 1, 1))
-        ax.set_title(f"{label}\n{title}", fontsize=9)
-        ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
-    axes[0].legend(loc="upper left", fontsize=8)
-    return save_figure(plt, fig, path)
-
-
-def similarity_inputs(args):
-    """(EvalSet of the images, row names, texts): the given files, or synthetic examples."""
+def task_similarity(cks, args):
+    """Table 8: cosine similarity of every given image with every given text, per checkpoint
+    (without --images and --texts: a few synthetic scenes and their captions)."""
     if args.images or args.texts:
         if not (args.images and args.texts):
             raise UsageError("similarity needs both --images and --texts")
-        missing = [p for p in args.images if not os.path.isfile(p)]
-        if missing:
-            raise MissingData(f"--images: no such file {missing[0]}")
-        unreadable = [p for p in args.images if A.open_rgb(p) is None]
-        if unreadable:   # else its row would silently be missing from the table
-            raise UsageError(f"--images: {unreadable[0]} cannot be read as an image (corrupt or not an image)")
-        paths = list(args.images)
-        s = EvalSet("images", f"files:{files_key(paths)}", base=ImageFiles(paths))
-        return s, [os.path.basename(p) for p in paths], list(args.texts)
-    scenes = A.SyntheticScenes("val", size=args.similarity_examples, image_size=args.synthetic_image_size,
-                               seed=args.synthetic_seed)
-    s = EvalSet("synthetic examples", _synthetic_key(scenes), base=SyntheticItems(scenes))
-    return s, [f"synthetic val #{i}" for i in range(len(scenes))], [scenes.caption(i) for i in range(len(scenes))]
-
-
-def task_similarity(encoders, args):
-    """Table 8: cosine similarity of every given image with every given text, per checkpoint."""
-    s, rows, texts = similarity_inputs(args)
+        images, texts = [A.read_image(p) for p in args.images], args.texts
+        bad = [p for p, img in zip(args.images, images) if img is None]   # else its row would be missing
+        if bad:
+            raise UsageError(f"--images: {bad[0]} " + ("cannot be read as an image (corrupt or not an image)"
+                                                       if os.path.isfile(bad[0]) else "not found"))
+        rows = [os.path.basename(p) for p in args.images]
+    else:
+        n, image_size = args.similarity_examples, args.synthetic_image_size or cks[0].model.config.image_size
+        scenes = A.SyntheticScenes("val", size=n, image_size=image_size, seed=args.synthetic_seed)
+        images, texts = [scenes.image(i) for i in range(n)], [scenes.caption(i) for i in range(n)]
+        rows = [f"synthetic val #{i}" for i in range(n)]
     results = {"images": rows, "texts": texts}
-    short = all(len(t) <= 24 for t in texts)   # long texts: columns T1, T2, ... and a legend
-    header = texts if short else [f"T{j + 1}" for j in range(len(texts))]
-    legend = [] if short else [f"T{j + 1}: {t}" for j, t in enumerate(texts)]
-    for enc in encoders:
-        img, labels = enc.images(s)
-        sim = img @ enc.texts(texts).T                                      # (n_images, n_texts)
-        results[enc.label] = sim.tolist()
-        print(T.format_table(f"Table 8: cosine similarity, {enc.label}", ["image"] + header,
-                             [[rows[i]] + [f"{v:.3f}" for v in sim[k].tolist()] for k, i in enumerate(labels)]))
-    print("\n".join(legend))
+    header = [t if len(t) <= 24 else f"T{j + 1}" for j, t in enumerate(texts)]   # long texts: a legend below
+    for ck in cks:
+        Ev = A.embed_images(ck.model, images, args.device, args.batch_size)[0]
+        Et = A.embed_texts(ck.model, ck.tokenizer, texts, args.device, args.batch_size)
+        sim = Ev @ Et.T   # (images, texts); the embeddings are unit vectors
+        results[ck.label] = sim.tolist()
+        print(table(f"Table 8: cosine similarity, {ck.label}", ["image"] + header,
+                    [[r] + [f"{v:.3f}" for v in row] for r, row in zip(rows, sim.tolist())]))
+    legend = [f"{h}: {t}" for h, t in zip(header, texts) if h != t]
+    if legend:
+        print("\n".join(legend))
     return results
 
 
-# -----------------------------------------------------------------------------
-# Training curves: alignment and modality gap against the step, from the validation records that
-# train.py --eval-every writes to each run's log.jsonl (a figure the paper does not have)
-# -----------------------------------------------------------------------------
-
-CURVES = [("alignment", "alignment score (Eq. 5)"), ("gap", "modality gap")]
-
-
-def read_curve(run_dir):
-    """[(step, {metric: value})] of one run's validation records, in step order."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(path):
-        raise UsageError(f"{run_dir}: no log.jsonl (is it a train.py run folder?)")
-    with open(path, encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    points = {r["step"]: r["val"] for r in recs if r.get("val")}  # a resumed run may repeat a step
-    if not points:
-        raise UsageError(f"{path} has no validation records: train with --eval-every N")
-    return sorted(points.items())
-
-
-def curve_groups(run_dirs, given=None):
-    """{label: [curve of each run]}. Labels: --label, else the folder name without its seed suffix
-    ('clip-s1' -> 'clip'), so that the seeds of one model form one band."""
-    if given and len(given) != len(run_dirs):
-        raise UsageError(f"{len(given)} --label for {len(run_dirs)} run folders")
-    names = given or [re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(d))) for d in run_dirs]
+def task_curves(args):
+    """Alignment and gap over training (not a figure of the paper), from the runs' log.jsonl: one line per
+    model, the mean of its runs (one --label, or folders named alike but for '-s<seed>') and their range."""
+    if args.label and len(args.label) != len(args.runs):
+        raise UsageError(f"{len(args.label)} --label for {len(args.runs)} run folders")
+    names = args.label or [re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(d))) for d in args.runs]
     groups = {}
-    for name, d in zip(names, run_dirs):
-        groups.setdefault(name, []).append(read_curve(d))
-    return groups
-
-
-def plot_curves(groups, path):
-    """One panel per metric, one line per label: the mean over its runs at the steps they share,
-    shaded between the lowest and the highest run when there are several."""
-    plt, fig, axes = new_figure(len(CURVES))
-    for ax, (key, title) in zip(axes, CURVES):
-        for label, runs in groups.items():
-            steps = sorted(set.intersection(*({s for s, _ in run} for run in runs)))
-            values = torch.tensor([[dict(run)[s][key] for s in steps] for run in runs])  # (runs, steps)
-            line, = ax.plot(steps, values.mean(0).numpy(), label=f"{label} ({len(runs)} runs)"
-                            if len(runs) > 1 else label)
+    for name, d in zip(names, args.runs):
+        path = os.path.join(d, "log.jsonl")
+        if not os.path.isfile(path):
+            raise UsageError(f"{d}: no log.jsonl (is it a train.py run folder?)")
+        with open(path, encoding="utf-8") as f:
+            points = {r["step"]: r["val"] for r in map(json.loads, filter(str.strip, f)) if r.get("val")}
+        if not points:
+            raise UsageError(f"{path} has no validation records: train with --eval-every N")
+        groups.setdefault(name, []).append(points)
+    keys = {"alignment": "alignment score (Eq. 5)", "gap": "modality gap"}
+    fig, axes = figure(len(keys))
+    for ax, (key, title) in zip(axes, keys.items()):
+        for name, runs in groups.items():
+            steps = sorted(set.intersection(*(set(run) for run in runs)))
+            values = torch.tensor([[run[s][key] for s in steps] for run in runs])   # (runs, steps)
+            line, = ax.plot(steps, values.mean(0).numpy(), label=f"{name} ({len(runs)} runs)")
             if len(runs) > 1:
                 ax.fill_between(steps, values.min(0).values.numpy(), values.max(0).values.numpy(),
                                 color=line.get_color(), alpha=0.2)
         ax.set(title=title, xlabel="training step", ylabel=key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(plt, fig, path)
-
-
-def task_curves(args):
-    """eval.py curves RUN_DIR ...: the figure, and the last point of each label printed."""
-    groups = curve_groups(args.runs, args.label)
-    os.makedirs(args.out, exist_ok=True)
-    path = plot_curves(groups, os.path.join(args.out, args.name))
-    rows = []
-    for label, runs in groups.items():
-        last = [run[-1] for run in runs]
-        rows.append([label, "/".join(str(s) for s in dict.fromkeys(s for s, _ in last))]
-                    + [f"{statistics.mean(v[k] for _, v in last):.3f}" for k, _ in CURVES])
-    print(T.format_table("Last validation point (mean over runs)", ["model", "step"] + [k for k, _ in CURVES], rows))
-    return path
-
-
-# -----------------------------------------------------------------------------
-# What the separation costs: one point per run of a sweep (e.g. of beta), from each run folder's
-# config.json and final_metrics.json (train.py's validation): alignment against downstream accuracy
-# -----------------------------------------------------------------------------
-
-TRADEOFF = [("zeroshot_shape_top1", "zero-shot shape top-1 %"), ("i2t_R@1", "image->text R@1 %"),
-            ("t2i_R@1", "text->image R@1 %")]
-
-
-def read_run(run_dir, key):
-    """(value of the run option `key`, final validation metrics) of a finished train.py run folder."""
-    paths = [os.path.join(run_dir, f) for f in ("config.json", "final_metrics.json")]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise UsageError(f"{run_dir}: no {os.path.basename(missing[0])} (is it a finished train.py run folder?)")
-    docs = []
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            docs.append(json.load(f))
-    config, metrics = docs
-    run_args = config["args"]
-    if key not in run_args:
-        raise UsageError(f"{paths[0]}: no option {key!r}; choose one of {sorted(run_args)}")
-    if key == "beta" and run_args.get("model", "alignclip") != "alignclip":
-        return 0.0, metrics   # CLIP's loss: no separation term, whatever --beta said (Eq. 13 with beta = 0)
-    return run_args[key], metrics
+    last = {name: {k: statistics.mean(run[max(run)][k] for run in runs) for k in keys}
+            for name, runs in groups.items()}
+    print(table("Last validation point (mean over runs)", ["model", *keys],
+                [[n] + [f"{v:.3f}" for v in m.values()] for n, m in last.items()]))
+    return {"figure": save_figure(fig, args.out, args.name), "last": last}
 
 
 def task_tradeoff(args):
-    """eval.py tradeoff RUN_DIR ... --key beta: alignment (x) against each TRADEOFF metric (y), one
-    point per run labelled with its option value, joined in the order of that value; and a table."""
-    runs = sorted((read_run(d, args.key) + (d,) for d in args.runs), key=lambda r: r[0])
-    plt, fig, axes = new_figure(len(TRADEOFF))
-    x = [m["alignment"] for _, m, _ in runs]
-    for ax, (key, title) in zip(axes, TRADEOFF):
-        y = [m[key] for _, m, _ in runs]
-        ax.plot(x, y, "o-")
-        for value, xi, yi in zip([v for v, _, _ in runs], x, y):
-            ax.annotate(f"{args.key} {value:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set(title=title, xlabel="alignment score (Eq. 5)", ylabel=title)
+    """A sweep (e.g. --beta): alignment against zero-shot shape and both R@1, one point per finished run
+    (its config.json and final_metrics.json), joined in the order of the option --key."""
+    runs = []
+    for d in args.runs:
+        try:
+            with open(os.path.join(d, "config.json")) as f, open(os.path.join(d, "final_metrics.json")) as g:
+                options, metrics = json.load(f)["args"], json.load(g)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"{d}: not a finished train.py run folder ({e})") from None
+        if args.key not in options:
+            raise UsageError(f"{d}: its runs have no option {args.key!r}; choose one of {sorted(options)}")
+        runs.append((options[args.key] or 0.0, os.path.basename(os.path.normpath(d)), metrics))
+    runs.sort(key=lambda r: r[0])
+    keys = ["zeroshot_shape_top1", "i2t_R@1", "t2i_R@1"]
+    fig, axes = figure(len(keys))
+    for ax, key in zip(axes, keys):
+        ax.plot([m["alignment"] for *_, m in runs], [m[key] for *_, m in runs], "o-")
+        for value, _, m in runs:
+            ax.annotate(f"{args.key} {value:g}", (m["alignment"], m[key]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=8)
+        ax.set(xlabel="alignment score (Eq. 5)", ylabel=key)
         ax.grid(alpha=0.3)
-    os.makedirs(args.out, exist_ok=True)
-    path = save_figure(plt, fig, os.path.join(args.out, args.name))
-    header = [args.key, "run", "alignment", "gap"] + [k for k, _ in TRADEOFF] + ["zeroshot_color_top1"]
-    rows = [[f"{v:g}", os.path.basename(os.path.normpath(d))] + [f"{m[k]:.3f}" for k in header[2:]]
-            for v, m, d in runs]
-    print(T.format_table(f"Runs by {args.key} (train.py's final validation)", header, rows))
-    return path
+    print(table(f"Runs by {args.key} (final validation)", [args.key, "run", "alignment", "gap", *keys],
+                [[f"{v:g}", name] + [f"{m[k]:.3f}" for k in ("alignment", "gap", *keys)]
+                 for v, name, m in runs]))
+    return {"figure": save_figure(fig, args.out, args.name)}
 
 
-# -----------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------
+# ---- Running the tasks: one command, or `all` over every data set present ----
+
+TASKS = {  # task: (its function, the data sets `all` tries, the kind of set)
+    "alignment": (task_alignment, ["synthetic", "csv", "coco", "flickr30k", "imagenet", "cifar100",
+                                   "cifar10"], "either"),
+    "zeroshot": (task_zeroshot, ["synthetic", "imagenet", "cifar100", "cifar10", "flowers102", "cars",
+                                 "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch"], "classes"),
+    "linear-probe": (task_linear_probe, ["synthetic", "imagenet", "cifar100", "cifar10", "flowers102",
+                                         "cars"], "classes"),
+    "retrieval": (task_retrieval, ["synthetic", "coco", "flickr30k"], "pairs"),
+    "finetune-retrieval": (functools.partial(task_retrieval, tuned=True), ["synthetic", "coco", "flickr30k"],
+                           "pairs"),
+    "dosnes": (task_dosnes, ["synthetic", "coco"], "pairs"),
+    "similarity": (task_similarity, [], None),   # its own inputs: --images and --texts
+}
 
 
-def add_common(p):
+def run_task(task, cks, names, args, skipped=None):
+    """One task on the named data sets; a missing set raises, or (`all`) is noted in `skipped`."""
+    function, _, kind = TASKS[task]
+    if task == "similarity":
+        return function(cks, args)
+    found = []
+    for name in names:
+        try:   # the probe and fine-tuning also need the train split: (train, test) pairs
+            test = build_sets(kind, name, args)
+            paired = task in ("linear-probe", "finetune-retrieval")
+            found += zip(build_sets(kind, name, args, "train"), test) if paired else test
+        except MissingData as e:
+            if skipped is None:
+                raise
+            skipped[f"{task}/{name}"] = str(e)
+    return function(cks, found, args) if found else {}
+
+
+def run_all(cks, args):
+    results, todo = {}, [t for t in TASKS if t not in args.skip]
+    skipped = {t: "--skip" for t in TASKS if t in args.skip}
+    for task in list(todo):
+        results[task] = run_task(task, cks, TASKS[task][1], args, skipped)
+        todo.remove(task)   # written at once: an interrupted `all` keeps every finished table
+        A.atomic_write(os.path.join(args.out, "results.json"), json.dumps(
+            {"command": "all", "checkpoints": {ck.label: ck.path for ck in cks}, "unfinished": todo,
+             **results, "skipped": skipped}, indent=2))
+    for what, why in skipped.items():
+        print(f"skipped {what}: {why}")
+    return dict(results, skipped=skipped)
+
+
+# ---- Command line ----
+
+
+def options():
+    """Every option of the checkpoint commands (each reads the groups it needs), as a parent parser."""
+    p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("models")
-    g.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
-                   help="checkpoint to evaluate; repeat to compare models side by side (this project's runs, "
-                        "the authors' SharedCLIP/AlignCLIP weights, OpenCLIP or OpenAI CLIP state dicts)")
-    g.add_argument("--label", action="append", default=None,
-                   help="column name of each --checkpoint, in order (default: from the file paths)")
-    g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu",
-                   help="MLP activation of foreign checkpoints: gelu (OpenCLIP, the authors' weights) or "
-                        "quick_gelu (OpenAI's weights); this project's checkpoints store theirs")
-    g.add_argument("--tokenizer", default=None, metavar="MERGES",
-                   help="BPE merges file (CLIP's bpe_simple_vocab_16e6.txt.gz); default: the one stored in "
-                        "this project's checkpoints; required for foreign checkpoints")
-    g.add_argument("--heads", type=int, default=None,
-                   help="attention heads of a foreign checkpoint whose shape matches no released model "
-                        "(OpenAI/OpenCLIP ViT-B-32 ... bigG-14 and the authors' SharedCLIP are known); "
-                        "also the text tower's unless --text-heads")
-    g.add_argument("--text-heads", type=int, default=None, help="attention heads of a foreign CLIP's text tower")
-    g = p.add_argument_group("compute")
+    g.add_argument("--checkpoint", action="append", required=True, metavar="PATH", help="repeat to compare")
+    g.add_argument("--label", action="append", help="of each --checkpoint; runs sharing one: mean +- std")
+    g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu", help="OpenAI: quick_gelu")
+    g.add_argument("--tokenizer", metavar="MERGES", help="BPE merges file for foreign checkpoints")
+    g.add_argument("--heads", type=int, help="attention heads of a foreign checkpoint of no released shape")
+    g.add_argument("--text-heads", type=int, help="its text tower's, if not --heads")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--retrieval-prompt", default="a photo of the {}", help="each caption's, for retrieval")
+    g.add_argument("--no-prompt", action="store_true", help="retrieval with the raw captions")
+    g.add_argument("--alignment-prompt", default="a photo of a {}.", help="pairs a class's images with it")
+    g.add_argument("--templates", help="cifar|flowers|cars|imagenet|simple|FILE (default: the set's own)")
+    g = p.add_argument_group("compute and output")
     g.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1 (default: cuda if available); bf16 autocast on CUDA")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     g.add_argument("--seed", type=int, default=0, help="seeds the linear probe, fine-tuning and DOSNES")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/eval", help="folder for the results JSON and the PNG figures")
-    g.add_argument("--cache-dir", default=None,
-                   help="embedding cache (default OUT/cache); keyed by checkpoint path, size and mtime")
-    g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
-    add_data_locations(p)
-
-
-def add_data_locations(p):
-    g = p.add_argument_group("data locations (nothing is downloaded unless --download)")
+    g.add_argument("--out", default="runs/eval", help="folder for the results JSON and the figures")
+    g = p.add_argument_group("data (nothing is downloaded unless --download)")
     g.add_argument("--data-root", default="data", help="root of the data sets (layouts in the README)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR / Flowers-102")
-    g.add_argument("--synthetic-size", type=int, default=1000, help="synthetic validation images")
-    g.add_argument("--synthetic-train-size", type=int, default=5000,
-                   help="synthetic training images (linear probe, fine-tuning)")
-    g.add_argument("--synthetic-image-size", type=int, default=64, help="side of the drawn synthetic images")
-    g.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic scenes")
-    g.add_argument("--coco-json", default=None,
-                   help="MSCOCO captions: Karpathy split JSON (default DATA_ROOT/coco/dataset_coco.json) or COCO "
-                        "format (DATA_ROOT/coco/annotations/captions_val2017.json)")
-    g.add_argument("--coco-images", default=None, help="MSCOCO image folder (default DATA_ROOT/coco)")
-    g.add_argument("--coco-train-json", default=None,
-                   help="fine-tuning captions (default: --coco-json if Karpathy, else captions_train2017.json)")
-    g.add_argument("--coco-train-images", default=None, help="fine-tuning image folder (default --coco-images)")
-    g.add_argument("--flickr-json", default=None,
-                   help="Flickr30K Karpathy split JSON (default DATA_ROOT/flickr30k/dataset_flickr30k.json)")
-    g.add_argument("--flickr-images", default=None,
-                   help="Flickr30K image folder (default DATA_ROOT/flickr30k/flickr30k-images)")
-    g.add_argument("--flickr-train-json", default=None, help="fine-tuning captions (default --flickr-json)")
-    g.add_argument("--flickr-train-images", default=None, help="fine-tuning images (default --flickr-images)")
-    g.add_argument("--csv", default=None, help="CSV/TSV of image paths and captions (e.g. CC3M validation)")
-    g.add_argument("--csv-image-key", default="filepath", help="CSV column of the image paths")
-    g.add_argument("--csv-caption-key", default="title", help="CSV column of the captions")
-    g.add_argument("--shards", default=None, help="WebDataset shards of pairs, e.g. 'cc3m-val/{0000..0015}.tar'")
-    g.add_argument("--imagenet-val", default=None,
-                   help="ImageNet val, 1000 <wnid>/ folders (default DATA_ROOT/imagenet/val)")
-    g.add_argument("--imagenet-train", default=None,
-                   help="ImageNet train for the linear probe (default DATA_ROOT/imagenet/train)")
-    g.add_argument("--imagenet-wnids", default=None,
-                   help="file of the 1000 wnids in class order (maps ImageNet-R/-A without --imagenet-val)")
-    g.add_argument("--imagenet-v2", default=None,
-                   help="ImageNet-V2 folders 0..999 (default DATA_ROOT/imagenetv2-matched-frequency-format-val)")
-    g.add_argument("--imagenet-r", default=None, help="ImageNet-R, 200 <wnid>/ folders (default DATA_ROOT/imagenet-r)")
-    g.add_argument("--imagenet-a", default=None, help="ImageNet-A, 200 <wnid>/ folders (default DATA_ROOT/imagenet-a)")
-    g.add_argument("--imagenet-sketch", default=None,
-                   help="ImageNet-Sketch, 1000 <wnid>/ folders (default DATA_ROOT/imagenet-sketch/sketch)")
-    g.add_argument("--imagefolder", default=None, help="any ImageFolder for zero-shot (data set name 'imagefolder')")
-    g.add_argument("--classnames", default=None,
-                   help="class names of --imagefolder, one per line in sorted folder order (default: folder names)")
-    g.add_argument("--templates", default=None,
-                   help="prompt templates for every classification set: cifar, flowers, cars, imagenet, simple, "
-                        "or a file with one template per line containing {} (default: per data set, CLIP's)")
-
-
-def add_alignment(p):
-    g = p.add_argument_group("alignment (Table 1, Figure 4)")
-    g.add_argument("--alignment-prompt", default="a photo of a {}.",
-                   help="prompt pairing each image of a classification set with its class")
-
-
-def add_probe(p):
+    g.add_argument("--synthetic-size", type=int, default=1000, help="synthetic validation scenes")
+    g.add_argument("--synthetic-train-size", type=int, default=5000, help="synthetic scenes for the probe")
+    g.add_argument("--synthetic-image-size", type=int, help="default: the model's, as train.py draws them")
+    g.add_argument("--synthetic-seed", type=int, default=0, help="seed of the scenes (train.py's)")
+    for opt, name in (("coco", "MSCOCO"), ("flickr", "Flickr30K")):
+        g.add_argument(f"--{opt}-json", help=f"{name}'s Karpathy split JSON (default: under DATA_ROOT)")
+        g.add_argument(f"--{opt}-images", help=f"{name} images (default: under DATA_ROOT)")
+    g.add_argument("--csv", help="CSV/TSV of image paths and captions (data set 'csv')")
+    g.add_argument("--csv-img-key", default="filepath", help="its column of image paths")
+    g.add_argument("--csv-caption-key", default="title", help="its column of captions")
+    g.add_argument("--csv-separator", help="default: tab for .tsv, else comma")
+    for display, default, option, layout in IMAGENET.values():
+        g.add_argument(option, help=f"{display}, {layout} (default DATA_ROOT/{default})")
+    g.add_argument("--imagenet-train", help="ImageNet train (default DATA_ROOT/imagenet/train)")
+    g.add_argument("--imagenet-wnids", help="the 1000 wnids in class order, one a line (for ImageNet-R/-A)")
     g = p.add_argument_group("linear probe (Table 3)")
-    g.add_argument("--probe-epochs", type=int, default=30, help="epochs over the frozen embeddings")
-    g.add_argument("--probe-lr", type=float, default=5e-4, help="peak learning rate (cosine decay to 0)")
-    g.add_argument("--probe-batch-size", type=int, default=128, help="embeddings per step")
-    g.add_argument("--probe-weight-decay", type=float, default=0.0, help="AdamW weight decay")
-
-
-def add_retrieval(p):
-    g = p.add_argument_group("retrieval (Tables 5, 6)")
-    g.add_argument("--retrieval-prompt", default="a photo of the {}", help="prompt each caption is put into")
-    g.add_argument("--no-prompt", action="store_true", help="use the raw captions")
-
-
-def add_finetune(p):
-    g = p.add_argument_group("fine-tuning (Table 6)")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="default: 8 for MSCOCO, 20 for Flickr30K, 1 for synthetic, else 8")
-    g.add_argument("--finetune-lr", type=float, default=5e-6, help="AdamW peak learning rate (cosine decay to 0)")
-    g.add_argument("--finetune-weight-decay", type=float, default=0.2, help="AdamW weight decay")
-    g.add_argument("--finetune-batch-size", type=int, default=128, help="pairs per step")
-    g.add_argument("--loss", choices=["auto", "clip", "alignclip"], default="auto",
-                   help="auto: the loss the checkpoint was trained with (this project's runs), clip for foreign "
-                        "checkpoints; pass alignclip for the authors' AlignCLIP weights")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="AlignCLIP loss weight of the CLIP term (default: the checkpoint's, else 1)")
-    g.add_argument("--beta", type=float, default=None,
-                   help="AlignCLIP loss weight of IMSep (default: the checkpoint's, else 0.5)")
-    g.add_argument("--separate", choices=["image", "text", "both"], default=None,
-                   help="modality IMSep separates (default: checkpoint's, else image)")
-    g.add_argument("--no-rescale", action="store_true", help="IMSep without the semantic rescaling")
-    g.add_argument("--semantic-model", default=None,
-                   help="sentence encoder for the rescaling (default: the checkpoint's, else the locally "
-                        "installed all-MiniLM-L6-v2; the paper used sentence-transformers/all-mpnet-base-v2)")
-    g.add_argument("--save-dir", default=None, help="where the fine-tuned checkpoints go (default OUT)")
-    g.add_argument("--finetune-synthetic-size", type=int, default=1000,
-                   help="synthetic training images for fine-tuning (the linear probe uses --synthetic-train-size)")
-
-
-def add_dosnes(p):
+    g.add_argument("--probe-epochs", type=int, default=30)
+    g.add_argument("--probe-lr", type=float, default=5e-4, help="AdamW, cosine decay to 0")
+    g.add_argument("--probe-batch-size", type=int, default=128)
+    g.add_argument("--probe-weight-decay", type=float, default=0.0)
+    g = p.add_argument_group("fine-tuning by train.py (Table 6)")
+    g.add_argument("--finetune-epochs", type=int, help="default: 8 MSCOCO, 20 Flickr30K, 1 synthetic")
+    g.add_argument("--finetune-lr", type=float, default=5e-6, help="AdamW, cosine decay to 0")
+    g.add_argument("--finetune-weight-decay", type=float, default=0.2)
+    g.add_argument("--finetune-batch-size", type=int, default=128)
+    g.add_argument("--finetune-synthetic-size", type=int, default=1000, help="synthetic training scenes")
     g = p.add_argument_group("DOSNES (Figure 5)")
     g.add_argument("--dosnes-n", type=int, default=500, help="N images and their N first captions")
-    g.add_argument("--dosnes-iterations", type=int, default=1000, help="gradient steps")
-    g.add_argument("--perplexity", type=float, default=30.0, help="perplexity of the input affinities")
-
-
-def add_similarity(p):
+    g.add_argument("--dosnes-iterations", type=int, default=1000)
+    g.add_argument("--perplexity", type=float, default=30.0, help="of the input affinities")
     g = p.add_argument_group("similarity (Table 8)")
-    g.add_argument("--images", nargs="+", default=None, help="image files (rows)")
-    g.add_argument("--texts", nargs="+", default=None, help="texts (columns)")
-    g.add_argument("--similarity-examples", type=int, default=4,
-                   help="without --images/--texts: this many synthetic images and their captions")
-
-
-def datasets_arg(p, default, choices, help):
-    p.add_argument("--datasets", default=default, type=lambda s: [x for x in s.split(",") if x],
-                   help=f"{help}, comma-separated, from: {', '.join(choices)} (default {default})")
+    g.add_argument("--images", nargs="+", help="image files (rows)")
+    g.add_argument("--texts", nargs="+", help="texts (columns)")
+    g.add_argument("--similarity-examples", type=int, default=4, help="else this many synthetic scenes")
+    return p
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub, common = p.add_subparsers(dest="command", required=True, metavar="COMMAND"), options()
+    names = lambda s: [x for x in s.split(",") if x]   # noqa: E731
     pairs, classes = list(PAIR_SETS), list(CLASS_SETS)
-    specs = {
-        "alignment": ("Table 1, Figure 4: alignment score, angle, modality gap",
-                      [add_alignment], (pairs + classes[1:], "pair or classification sets")),
-        "zeroshot": ("Tables 2, 4: zero-shot classification", [], (classes, "classification sets")),
-        "linear-probe": ("Table 3: linear probe on frozen embeddings", [add_probe],
-                         (["synthetic", *TORCHVISION, "imagenet"], "classification sets with a train split")),
-        "retrieval": ("Table 5: zero-shot retrieval", [add_retrieval], (pairs, "caption sets")),
-        "finetune-retrieval": ("Table 6: fine-tune, then retrieval", [add_retrieval, add_finetune],
-                               (["synthetic", "coco", "flickr30k"], "caption sets with a train split")),
-        "dosnes": ("Figure 5: DOSNES of image and text embeddings", [add_dosnes], (pairs, "caption sets")),
-        "similarity": ("Table 8: cosine similarities of given images and texts", [add_similarity], None),
-        "all": ("everything whose data is present", [add_alignment, add_probe, add_retrieval, add_finetune,
-                                                     add_dosnes, add_similarity], None),
-    }
-    for name, (help, adders, data) in specs.items():
-        sp = sub.add_parser(name, help=help, description=help)
-        add_common(sp)
-        for add in adders:
-            add(sp)
+    for name, help, data in [   # command, what it does, the data sets it takes
+            ("alignment", "Table 1, Figure 4: alignment score, angle, modality gap", pairs + classes[1:]),
+            ("zeroshot", "Tables 2, 4: zero-shot classification", classes),
+            ("linear-probe", "Table 3: linear probe", ["synthetic", *TORCHVISION, "imagenet"]),
+            ("retrieval", "Table 5: zero-shot retrieval", pairs),
+            ("finetune-retrieval", "Table 6: fine-tune by train.py, then retrieval",
+             ["synthetic", "coco", "flickr30k"]),
+            ("dosnes", "Figure 5: DOSNES of image and text embeddings", pairs),
+            ("similarity", "Table 8: cosine similarities of given images and texts", None),
+            ("all", "every table and figure whose data is present", None)]:
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
         if data:
-            datasets_arg(sp, "synthetic", *data)
-        if name == "all":
-            sp.add_argument("--skip", default="", type=lambda s: [x for x in s.split(",") if x],
-                            help=f"tasks to leave out, comma-separated, from: {', '.join(TASKS)}")
-    help = "alignment and modality gap against the step, from runs trained with --eval-every"
-    sp = sub.add_parser("curves", help=help, description=help)
-    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders (holding log.jsonl)")
-    sp.add_argument("--label", action="append", default=None,
-                    help="legend name of each RUN_DIR, in order; runs given the same label are drawn as "
-                         "one mean line with a min-max band (default: folder name without '-s<seed>')")
+            sp.add_argument("--datasets", default=["synthetic"], type=names,
+                            help=f"comma-separated, from: {', '.join(data)} (default synthetic)")
+    sp.add_argument("--skip", default=[], type=names, help=f"tasks to leave out, from: {', '.join(TASKS)}")
+    sp = sub.add_parser("curves", help="alignment and gap over training (train.py --eval-every)")
+    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders")
+    sp.add_argument("--label", action="append", help="legend name of each RUN_DIR; runs sharing one are "
+                    "drawn as their mean and a min-max band (default: the folder name less '-s<seed>')")
     sp.add_argument("--out", default="assets", help="folder for the PNG")
     sp.add_argument("--name", default="gap_over_training.png", help="file name of the PNG")
-    help = "alignment against zero-shot and retrieval accuracy, one point per finished run (a sweep)"
-    sp = sub.add_parser("tradeoff", help=help, description=help)
+    sp = sub.add_parser("tradeoff", help="a sweep: alignment against accuracy, one point per run")
     sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished train.py run folders")
-    sp.add_argument("--key", default="beta", help="the train.py option the runs differ in (default: beta)")
+    sp.add_argument("--key", default="beta", help="the option the runs differ in (default beta)")
     sp.add_argument("--out", default="assets", help="folder for the PNG")
     sp.add_argument("--name", default="beta_tradeoff.png", help="file name of the PNG")
     return p
 
 
-def sets_for(kind, names, args, split="test", skipped=None):
-    """EvalSets of the named data sets; a missing one raises, or is recorded in `skipped` (all)."""
-    out = []
-    for name in names:
-        try:
-            out += build_sets(kind, name, args, split)
-        except MissingData as e:
-            if skipped is None:
-                raise
-            skipped[name] = str(e)
-    return out
-
-
-def split_pairs(names, kind, args, skipped=None):
-    """[(name, train EvalSet, test EvalSet)] for the tasks that train (linear probe, fine-tuning)."""
-    out = []
-    for name in names:
-        try:
-            out += [(name, tr, te) for tr, te in zip(build_sets(kind, name, args, "train"),
-                                                     build_sets(kind, name, args, "test"))]
-        except MissingData as e:
-            if skipped is None:
-                raise
-            skipped[name] = str(e)
-    return out
-
-
-TASKS = {  # task: (data sets tried by `all`, kind of set)
-    "alignment": (["synthetic", "csv", "shards", "coco", "flickr30k", "imagenet", "cifar100", "cifar10"], "either"),
-    "zeroshot": (["synthetic", "imagenet", "cifar100", "cifar10", "flowers102", "cars", "imagenet-v2",
-                  "imagenet-r", "imagenet-a", "imagenet-sketch", "imagefolder"], "classes"),
-    "linear-probe": (["synthetic", "imagenet", "cifar100", "cifar10", "flowers102", "cars"], "classes"),
-    "retrieval": (["synthetic", "coco", "flickr30k"], "pairs"),
-    "finetune-retrieval": (["synthetic", "coco", "flickr30k"], "pairs"),
-    "dosnes": (["synthetic", "coco"], "pairs"),
-    "similarity": ([], None),
-}
-
-
-def run_task(task, encoders, names, args, skipped=None):
-    kind = TASKS[task][1]
-    if task == "similarity":
-        return task_similarity(encoders, args)
-    if task == "linear-probe":
-        return task_linear_probe(encoders, [(tr, te) for _, tr, te in split_pairs(names, kind, args, skipped)], args)
-    if task == "finetune-retrieval":   # a smaller synthetic train split: `all` stays within minutes on a CPU
-        tune = argparse.Namespace(**dict(vars(args), synthetic_train_size=args.finetune_synthetic_size))
-        return task_finetune(encoders, split_pairs(names, kind, tune, skipped), args)
-    sets = sets_for(kind, names, args, skipped=skipped)
-    if not sets:
-        return {}
-    return {"alignment": task_alignment, "zeroshot": task_zeroshot, "retrieval": task_retrieval,
-            "dosnes": task_dosnes}[task](encoders, sets, args)
-
-
-def run_all(encoders, args):
-    results, skipped = {}, {}
-    todo = [task for task in TASKS if task not in args.skip]
-    for task, (names, _) in TASKS.items():
-        if task in args.skip:
-            skipped[task] = "--skip"
-            continue
-        task_skipped = {}
-        results[task] = run_task(task, encoders, names, args, task_skipped)
-        skipped.update({f"{task}/{name}": why for name, why in task_skipped.items()})
-        todo.remove(task)   # written at once: an interrupted `all` keeps every finished table
-        T.write_json({"command": "all", "checkpoints": {e.label: p for e, p in zip(encoders, args.checkpoint)},
-                      "unfinished": todo, **results, "skipped": skipped}, os.path.join(args.out, "results.json"))
-    by_name = {}
-    for what, why in skipped.items():
-        task, _, name = what.partition("/")
-        by_name.setdefault(name or task, ([], why))[0].append(task)
-    for name, (tasks, why) in by_name.items():
-        print(f"skipped {name} ({', '.join(tasks)}): {why}")
-    print(summary_table(results, [e.label for e in encoders]))
-    results["skipped"] = skipped
-    return results
-
-
-HEADLINES = {  # task: [(metric, short name, format)] shown in the summary of `all`
-    "alignment": [("alignment_score", "alignment score", ".3f"), ("modality_gap", "modality gap", ".3f")],
-    "zeroshot": [("top1", "zero-shot top-1 %", ".1f")],
-    "linear-probe": [("top1", "linear probe top-1 %", ".1f")],
-    "retrieval": [("i2t_R@1", "I->T R@1 %", ".1f"), ("i2t_R@5", "I->T R@5 %", ".1f"),
-                  ("t2i_R@1", "T->I R@1 %", ".1f"), ("t2i_R@5", "T->I R@5 %", ".1f")],
-    "finetune-retrieval": [("i2t_R@1", "fine-tuned I->T R@1 %", ".1f"), ("t2i_R@1", "fine-tuned T->I R@1 %", ".1f")],
-}
-
-
-def summary_table(results, labels):
-    """One row per (headline metric, data set), one column per checkpoint."""
-    rows = []
-    for task, metrics in HEADLINES.items():
-        for dataset, per_model in results.get(task, {}).items():
-            if dataset.startswith("_"):
-                continue
-            for key, short, fmt in metrics:
-                values = [per_model.get(label, {}).get(key) for label in labels]
-                rows.append([f"{short}, {dataset}"] + ["-" if v is None else format(v, fmt) for v in values])
-    return T.format_table("Summary", ["metric"] + labels, rows)
-
-
 def main(argv=None):
-    """Run one subcommand; returns its results (also written to OUT/<command>.json or results.json)."""
+    """Run one command; returns its results (also written to OUT/<command>.json, for `all` results.json)."""
     args = build_parser().parse_args(argv)
-    if args.command in ("curves", "tradeoff"):  # read run folders, no checkpoint
-        try:
-            return task_curves(args) if args.command == "curves" else task_tradeoff(args)
-        except UsageError as e:
-            print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-    args.cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(args.out, "cache"))
     try:
+        if args.command in ("curves", "tradeoff"):   # run folders, no checkpoint
+            return task_curves(args) if args.command == "curves" else task_tradeoff(args)
+        if args.text_heads is not None and args.heads is None:
+            raise UsageError("--text-heads needs --heads (the image tower's, or the shared transformer's)")
         os.makedirs(args.out, exist_ok=True)
         labels = checkpoint_labels(args.checkpoint, args.label)
-        encoders = [Encoder(path, label, args) for path, label in zip(args.checkpoint, labels)]
-        if args.command == "all":
-            results, name = run_all(encoders, args), "results.json"
-        else:
-            names = getattr(args, "datasets", [])
-            results, name = run_task(args.command, encoders, names, args), f"{args.command}.json"
-    except (UsageError, OSError) as e:   # OSError: an --out or cache folder we cannot write
+        cks = [load_checkpoint(path, label, args) for path, label in zip(args.checkpoint, labels)]
+        name = "results.json" if args.command == "all" else f"{args.command}.json"
+        results = (run_all(cks, args) if args.command == "all"
+                   else run_task(args.command, cks, getattr(args, "datasets", []), args))
+    except (UsageError, OSError) as e:   # OSError: e.g. an --out folder that cannot be written
         raise SystemExit(f"eval.py {args.command}: error: {e}") from None
-    groups = {g: [labels[i] for i in pos] for g, pos in seed_groups(args.label).items()}
-    if groups:
-        per_task = results if args.command == "all" else {args.command: results}
-        stats = {task: mean_std(r, groups) for task, r in per_task.items() if task in HEADLINES}
-        if any(stats.values()):
-            print(mean_std_table(stats, groups))
+    groups = {g: [label for label, given in zip(labels, args.label) if given == g]
+              for g in dict.fromkeys(args.label or []) if args.label.count(g) > 1}
+    if groups:   # runs of one model: the mean and sample standard deviation of their numbers
+        stats = mean_std(results if args.command == "all" else {args.command: results}, groups)
+        for task, per_set in stats.items():
+            keys, f = HEADLINES[task], ".3f" if task == "alignment" else ".1f"
+            model_table(f"{task} ({', '.join(keys)}): mean +- sample std over each --label's runs", per_set,
+                        lambda m: ", ".join(f"{m[k][0]:{f}} +- {m[k][1]:{f}}" for k in keys))
         results["mean_std"] = stats
-    results = {"command": args.command, "checkpoints": dict(zip(labels, args.checkpoint)), **results}
-    T.write_json(results, os.path.join(args.out, name))
+    results = {"command": args.command, "checkpoints": {ck.label: ck.path for ck in cks}, **results}
+    A.atomic_write(os.path.join(args.out, name), json.dumps(results, indent=2))
     print(f"wrote {os.path.join(args.out, name)}")
     return results
 

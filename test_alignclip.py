@@ -16,7 +16,6 @@ import signal
 import sys
 import tarfile
 import time
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -188,15 +187,22 @@ def test_train_is_deterministic_and_round_trips():
 
 
 def _train_by_recounting(texts, n_merges):
-    """The plain reference: recount every pair of the whole corpus before each merge."""
-    words, freqs = A._count_words(texts)
+    """The plain reference, written apart from alignclip's learner: every word of the corpus (CLIP's
+    pre-tokens, as byte symbols, the last one marked </w>), then before each merge a recount of every
+    pair. A pair merged before that comes back gets no second merge (the learner's documented rule)."""
+    byte_symbol = A.bytes_to_unicode()
+    corpus = [w for t in texts for w in A.pretokenize(t)]
+    words = [[byte_symbol[b] for b in w.encode("utf-8")] for w in corpus]
+    for w in words:
+        w[-1] += "</w>"
+    freqs = [1] * len(words)
     merges = []
     while len(merges) < n_merges:
         counts = {}
         for w, f in zip(words, freqs):
             for pair in zip(w, w[1:]):
                 counts[pair] = counts.get(pair, 0) + f
-        best = min(counts, key=lambda p: (-counts[p], p), default=None)
+        best = min((p for p in counts if p not in merges), key=lambda p: (-counts[p], p), default=None)
         if best is None or counts[best] < 2:
             break
         merges.append(best)
@@ -362,11 +368,23 @@ def test_shapes_and_normalisation(shared):
     assert abs(scale.item() - 1 / 0.07) < 1e-4
 
 
-def test_logit_scale_is_clamped_at_100():
+def test_forward_returns_exp_tau_unclamped_and_the_clamp_is_on_tau():
+    # forward passes the gradient of s = exp(tau) everywhere (no clamp there); clamp_logit_scale_
+    # (the optimizer's post-step hook in train.py) brings tau back into [0, ln 100]
     model = A.CLIP(tiny_config())
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) >> 100
-    assert model(torch.randn(1, 3, 32, 32), tokens_with_eot(1, 16, 299))[2].item() == 100.0
+    s = model(torch.randn(1, 3, 32, 32), tokens_with_eot(1, 16, 299))[2]
+    assert s.item() == pytest.approx(math.exp(10.0), rel=1e-6)
+    s.backward()
+    assert model.logit_scale.grad.item() == pytest.approx(math.exp(10.0), rel=1e-6)   # ds/dtau = s
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == torch.tensor(math.log(100.0)).item()          # ln 100 in float32
+    with torch.no_grad():
+        model.logit_scale.fill_(-3.0)                                                 # s < 1
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == 0.0
+    assert A.CLIP(tiny_config(init_logit_scale=10.0)).logit_scale.item() == torch.tensor(math.log(100.0)).item()
 
 
 def test_shared_model_holds_one_transformer_and_one_projection():
@@ -422,20 +440,6 @@ def test_end_of_text_found_by_id_not_by_argmax():
     assert out[0].isnan().all() and out[1].isfinite().all()
 
 
-def test_grad_checkpointing_gives_same_gradients():
-    torch.manual_seed(0)
-    model = A.CLIP(tiny_config())
-    images, tokens = torch.randn(2, 3, 32, 32), tokens_with_eot(2, 16, 299)
-    grads = []
-    for ckpt in (False, True):
-        model.zero_grad()
-        model.set_grad_checkpointing(ckpt)
-        img, txt, s = model(images, tokens)
-        (s * img @ txt.T).logsumexp(-1).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1])
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_encoders_compile_with_fullgraph(shared):
     # fullgraph=True fails on any graph break: a Python branch on a tensor, .item(), int(), bool()
@@ -445,7 +449,6 @@ def test_encoders_compile_with_fullgraph(shared):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = A.CLIP(tiny_config(shared=shared)).double()
-    model.set_grad_checkpointing(True)
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     tokens = tokens_with_eot(2, 16, 299, eot_at=6)
     image_c = torch.compile(model.encode_image, fullgraph=True, backend="eager")
@@ -568,7 +571,7 @@ def test_foreign_layout_matches_reference_forward(tmp_path, layout, act):
 def test_own_checkpoint_round_trip(tmp_path):
     model = A.CLIP(tiny_config(shared=False))
     path = tmp_path / "run" / "last.pt"
-    A.save_checkpoint({"config": dataclasses.asdict(model.config), "model": model.state_dict()}, path)
+    A.atomic_write(path, {"config": dataclasses.asdict(model.config), "model": model.state_dict()})
     assert sorted(os.listdir(tmp_path / "run")) == ["last.pt"]   # no temporary file left behind
     loaded = A.load_model(str(path))
     assert loaded.config == model.config
@@ -681,7 +684,7 @@ def test_non_finite_weights_are_refused(tmp_path):
     sd = model.state_dict()
     sd["projection"][0, 0] = float("nan")
     path = tmp_path / "diverged.pt"
-    A.save_checkpoint({"config": dataclasses.asdict(model.config), "model": sd}, path)
+    A.atomic_write(path, {"config": dataclasses.asdict(model.config), "model": sd})
     with pytest.raises(ValueError, match=r"1 of \d+ weight tensors hold NaN or inf.*projection.*diverged"):
         A.load_model(str(path))
     sd = random_foreign_state_dict("openclip")
@@ -690,15 +693,24 @@ def test_non_finite_weights_are_refused(tmp_path):
         A.load_model(sd, heads=(2, 1))
 
 
-def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
-    import subprocess
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()                                   # a writer that was killed: its pid is gone
-    (tmp_path / f"last.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
-    (tmp_path / f"last.pt.tmp{os.getppid()}").write_bytes(b"a live writer's")   # the parent is alive
-    (tmp_path / "other.pt.tmp1").write_bytes(b"not ours")
-    A.save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.pt")
-    assert sorted(os.listdir(tmp_path)) == ["last.pt", f"last.pt.tmp{os.getppid()}", "other.pt.tmp1"]
+def test_atomic_write_writes_bytes_text_and_objects_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "file"                       # the folder is created
+    A.atomic_write(path, b"\x00bytes")
+    assert path.read_bytes() == b"\x00bytes"
+    A.atomic_write(path, "ünïcode text\n")
+    assert path.read_bytes() == "ünïcode text\n".encode("utf-8")
+    A.atomic_write(str(path), {"x": torch.arange(3)})
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f, *a, **k):                    # a writer killed mid-write (disk full, Ctrl-C)
+        with open(f, "wb") as out:
+            out.write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        A.atomic_write(path, {"x": torch.ones(2)})
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["file"]   # old file, no temporary
 
 
 def test_trailing_padding_does_not_change_the_text_embedding():
@@ -775,8 +787,9 @@ def test_forward_on_length_groups_equals_forward_on_the_padded_batch():
 # ----------------------------------------------------------------------------- losses
 
 def test_loss_section_runs_alone_with_the_imports_its_banner_lists():
-    """The Losses section is meant to be copied into another codebase: run its text alone in a fresh
-    interpreter, with only the imports its banner names, and check it against the reference."""
+    """The Losses section is meant to be copied into another codebase: run its text (from the Losses
+    banner to the Metrics banner) alone in a fresh interpreter, with only the imports its banner
+    names, and check it against the reference in float64."""
     import subprocess
     script = r"""
 import re, sys
@@ -785,6 +798,7 @@ start = next(i for i, l in enumerate(src) if l.startswith("# Losses:")) - 1
 end = next(i for i, l in enumerate(src) if l.startswith("# Metrics:")) - 1
 section = "\n".join(src[start:end])
 imports = "\n".join(m.strip() for m in re.findall(r"^#     ((?:from|import) .*)$", section, re.M))
+assert imports and all("torch" in line for line in imports.splitlines()), imports
 ns = {}
 exec(imports + "\n" + section, ns)
 import torch
@@ -793,17 +807,14 @@ Ev, Et = (torch.nn.functional.normalize(torch.randn(12, 5, generator=g, dtype=to
 Es = torch.randn(12, 7, generator=g, dtype=torch.float64)
 fused = ns["alignclip_loss"](Ev, Et, Es, 14.0, block_size=5)
 ref = ns["alignclip_loss_reference"](Ev, Et, Es, 14.0)
-strips = ns["contrastive_ce_strips"](Ev, Et, 14.0, both_directions=True, block_size=5)
-assert abs(fused - ref).item() < 1e-12 and abs(strips - 2 * ns["clip_loss"](Ev, Et, 14.0)).item() < 1e-12
+clip = ns["contrastive_ce"](Ev, Et, 14.0, both_directions=True, block_size=5)
+assert abs(fused - ref).item() < 1e-12 and abs(clip - 2 * ns["clip_loss"](Ev, Et, 14.0)).item() < 1e-12
 assert not any(k in ns for k in ("np", "Image", "regex", "ftfy", "A"))
-print("ok", start + 1)
+print("ok")
 """
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alignclip.py")
     done = subprocess.run([sys.executable, "-I", "-c", script, path], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    first_line = int(done.stdout.split()[1])
-    assert first_line < 650, f"the loss section starts at line {first_line}: a reader meets it too late"
-
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def loss_inputs(b, d=6, d_s=5, dtype=torch.float64, seed=0, scale=7.5):
@@ -853,8 +864,9 @@ def test_duplicated_caption_gets_zero_weight():
     Ev, Et, Es, s = loss_inputs(5)
     Es[3] = 2.5 * Es[1]                                    # the same caption (up to scale): S = 1
     sem = F.normalize(Es, dim=-1)
-    W = A._weight_tile(sem, 0, 5, torch.empty(5, 5, dtype=Es.dtype))
-    assert abs(W[1, 3].item()) < 1e-12 and abs(W[3, 1].item()) < 1e-12
+    buf = lambda: torch.empty(5, 5, dtype=Es.dtype)       # noqa: E731
+    _, W = A._logit_tile(Ev.detach(), Ev.detach(), 1.0, None, sem, False, 0, 5, buf(), buf())  # U = 1 - S
+    assert abs(W[1, 3].item()) < 1e-12 and abs(W[3, 1].item()) < 1e-12 and abs(W[1, 2].item()) > 1e-3
     want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s)
     got = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, block_size=2)
     assert_rel_close(got, want, 1e-10)
@@ -1015,23 +1027,11 @@ def test_fused_never_allocates_a_b_by_b_tensor():
         assert mode.largest <= 512 * b < b * b / 4, mode.largest
 
 
-# ---- the strip-wise checkpointed version ----
-
-
-@pytest.mark.parametrize("separate", A.SEPARATE)
-@pytest.mark.parametrize("rescale", [True, False])
-def test_strips_equal_reference(monkeypatch, separate, rescale):
-    """contrastive_ce_strips in place of the fused kernel: odd b, a block that does not divide it."""
-    Ev, Et, Es, s = loss_inputs(37, seed=3)
-    kw = dict(separate=separate, rescale=rescale, alpha=0.7, beta=0.6)
-    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, **kw)
-    monkeypatch.setattr(A, "contrastive_ce", A.contrastive_ce_strips)
-    got = value_and_grads(A.alignclip_loss, Ev, Et, Es, s, block_size=5, **kw)
-    assert_rel_close(got, want, 1e-10)
-
-
-def test_strips_keep_no_b_by_b_tensor():
-    """Checkpointed strips: forward and backward never make an output larger than one strip."""
+@pytest.mark.parametrize("grad", [True, False])
+def test_contrastive_ce_keeps_no_b_by_b_tensor_in_either_direction(grad):
+    """The kernel alone (CLIP's both directions, then a separation term), odd b and a strip that does
+    not divide it: forward, backward and the no-grad path never make an output larger than one strip,
+    and the value and gradients are the reference's in float64."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -1044,14 +1044,18 @@ def test_strips_keep_no_b_by_b_tensor():
                     self.largest = max(self.largest, t.numel())
             return out
 
-    b = 300
+    b = 301
     Ev, Et, Es, s = loss_inputs(b, d=4, d_s=4)
     sem = F.normalize(Es, dim=-1)
-    with Largest() as mode:
-        loss = A.contrastive_ce_strips(Ev, None, s, diag=(Ev * Et).sum(-1), sem=sem, block_size=50)
-        loss = loss + A.contrastive_ce_strips(Ev, Et, s, both_directions=True, block_size=50)
-        loss.backward()
+
+    def loss(Ev, Et, Es, s):
+        return (A.contrastive_ce(Ev, None, s, diag=(Ev * Et).sum(-1), sem=sem, block_size=50)
+                + A.contrastive_ce(Ev, Et, s, both_directions=True, block_size=50))
+    with torch.set_grad_enabled(grad), Largest() as mode:
+        got = value_and_grads(loss, Ev, Et, Es, s) if grad else [loss(Ev, Et, Es, s)]
     assert mode.largest <= 50 * b, mode.largest
+    want = value_and_grads(A.alignclip_loss_reference, Ev, Et, Es, s, beta=1.0)   # cross_modal_sum + imsep
+    assert_rel_close(got, want, 1e-10)
 
 
 # ---- mixed precision: every loss computes in float32 whatever autocast says ----
@@ -1211,7 +1215,8 @@ def test_bench_case_runs_under_bf16_autocast(impl):
 def test_bench_fp16_on_cpu_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         A.bench(["--device", "cpu", "--precision", "fp16"])
-    assert e.value.code == 2 and "--precision bf16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--precision fp16 needs --device cuda" in err and "bf16 only" in err
 
 
 # ---- on a GPU (skipped without CUDA) ----
@@ -1465,6 +1470,84 @@ def test_alignment_score_and_gap_normalise_and_hit_their_extremes():
     assert float(A.alignment_score(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 3.0]]))) == pytest.approx(0.0)
 
 
+class _SomeUnreadable(torch.utils.data.Dataset):
+    """Synthetic scenes whose items in `bad` cannot be read (None), as evaluate's datasets give them."""
+
+    def __init__(self, scenes, bad):
+        self.scenes, self.bad = scenes, set(bad)
+        self.label_names, self.zeroshot_templates = scenes.label_names, scenes.zeroshot_templates
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        return None if i in self.bad else self.scenes[i]
+
+    def captions(self, i):
+        return self.scenes.captions(i)
+
+    def labels(self, i):
+        return self.scenes.labels(i)
+
+
+def test_evaluate_is_the_protocol_computed_by_hand_and_skips_unreadable_items():
+    scenes = A.SyntheticScenes("val", size=7, image_size=40)
+    tok = A.Tokenizer.train([c for i in range(7) for c in scenes.captions(i)], 600)
+    cfg = A.ModelConfig.preset("tiny", width=32, layers=1, heads=1, embed_dim=16, image_size=32, patch_size=8,
+                               vocab_size=tok.vocab_size, eot_id=tok.eot_id, context_length=32)
+    torch.manual_seed(0)
+    model = A.CLIP(cfg).train()
+    data = _SomeUnreadable(scenes, bad=[2])
+    got, emb = A.evaluate(model, tok, data, batch_size=4, return_embeddings=True)
+    assert model.training                                                # the mode is given back
+    kept = [0, 1, 3, 4, 5, 6]
+    t = A.image_transform(32, train=False)
+    with torch.no_grad():
+        model.eval()
+        Ev = model.encode_image(A.normalize_images(torch.stack([t(scenes.image(i)) for i in kept])))
+    caps = [scenes.captions(i) for i in kept]
+    owner = torch.tensor([k for k, c in enumerate(caps) for _ in c])
+    texts = [c for cs in caps for c in cs]
+    Et = A.embed_texts(model, tok, texts)
+    want = {"alignment": A.alignment_score(Ev[owner], Et).item(), "gap": A.modality_gap(Ev[owner], Et).item(),
+            "pairs": 6 * 5, "images": 6, "skipped": 1}
+    want["angle_deg"] = math.degrees(math.acos(want["alignment"]))
+    want.update(A.retrieval_recall(Ev, A.embed_texts(model, tok, ["a photo of the " + c for c in texts]), owner))
+    for label in ("shape", "color"):
+        W = A.zeroshot_classifier(model, tok, scenes.label_names[label], scenes.zeroshot_templates[label])
+        y = torch.tensor([scenes.labels(i)[label] for i in kept])
+        acc = A.accuracy(Ev @ W.T, y, topk=(1, 5))
+        want[f"zeroshot_{label}_top1"], want[f"zeroshot_{label}_top5"] = acc[1], acc[5]
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-5), k
+    torch.testing.assert_close(emb["image"], Ev, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(emb["text"], Et, atol=1e-6, rtol=1e-5)
+    assert torch.equal(emb["owner"], owner)
+    first3 = A.evaluate(model, tok, data, limit=3)                        # --eval-subset: the first items
+    assert first3 == A.evaluate(model, tok, _SomeUnreadable(A.SyntheticScenes("val", size=3, image_size=40), [2]))
+    assert (first3["images"], first3["skipped"], first3["pairs"]) == (2, 1, 10)
+    assert A.evaluate(model, tok, data, limit=99) == got
+    raw = A.evaluate(model, tok, data, prompt=None)                       # retrieval on the raw captions
+    assert raw["i2t_R@1"] == pytest.approx(A.retrieval_recall(Ev, Et, owner)["i2t_R@1"])
+    assert A.format_metrics({"alignment": 0.88712, "pairs": 60}) == "alignment 0.887 | pairs 60"
+    with pytest.raises(ValueError, match="none of the 7 evaluation items could be read"):
+        A.evaluate(model, tok, _SomeUnreadable(scenes, bad=range(7)))
+
+
+def test_cosine_lr_warms_up_linearly_then_decays_to_zero():
+    lr = lambda step: A.cosine_lr(step, total=110, peak=2.0, warmup=10)   # noqa: E731
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.2, 1.0, 2.0])   # (step + 1) / warmup of the peak
+    assert lr(10) == pytest.approx(2.0) and lr(60) == pytest.approx(1.0)  # cosine: half way at half the decay
+    assert lr(35) == pytest.approx(1.0 + math.cos(math.pi / 4))
+    assert lr(110) == pytest.approx(0.0, abs=1e-15) and lr(500) == pytest.approx(0.0, abs=1e-15)
+    decay = [lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert A.cosine_lr(0, 4, 1e-3) == 1e-3                                # no warm-up: the peak first
+    assert [A.cosine_lr(s, 4, 1e-3) for s in range(4)] == pytest.approx(
+        [0.5e-3 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+
+
 
 # =============================================================================
 # data
@@ -1564,24 +1647,31 @@ def test_synthetic_speed_is_printed():
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (48, 80), (10, 200)])  # (10, 200): the fallback crop
-def test_crop_params_match_torchvision(hw):
-    img = Image.new("RGB", hw[::-1])
-    for seed in range(20):
+def test_train_crop_is_torchvisions_random_resized_crop_drawn_from_the_seed(hw):
+    import torchvision.transforms.v2.functional as TF1
+    from torchvision.transforms import InterpolationMode
+    img = torch.randint(0, 256, (3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    train = A.image_transform(24, train=True)
+    for seed in range(10):
         torch.manual_seed(seed)
-        expected = RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3])
-        g = torch.Generator().manual_seed(seed)
-        assert A.random_resized_crop_params(*hw, (0.9, 1.0), (3 / 4, 4 / 3), g) == expected
+        i, j, h, w = RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3])
+        want = TF1.resized_crop(img, i, j, h, w, [24, 24], InterpolationMode.BICUBIC, antialias=True)
+        assert torch.equal(train(img, seed), want), seed
 
 
-def test_transform_is_a_function_of_the_generator():
+def test_transform_is_a_function_of_the_seed_and_leaves_the_global_rng_alone():
     img = A.SyntheticScenes("train", size=1).image(0)
     train = A.image_transform(64, train=True)
-    x1 = train(img, torch.Generator().manual_seed(1))
-    torch.manual_seed(123)  # the global RNG plays no part
-    x2 = train(img, torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    x1 = train(img, 1)
+    assert torch.equal(torch.get_rng_state(), state)                    # the global RNG is untouched
+    torch.manual_seed(123)                                              # and plays no part
+    x2 = train(img, 1)
     assert x1.shape == (3, 64, 64) and x1.dtype == torch.uint8 and torch.equal(x1, x2)
-    diffs = [not torch.equal(x1, train(img, torch.Generator().manual_seed(s))) for s in range(2, 7)]
-    assert any(diffs)
+    assert torch.equal(train(torch.from_numpy(np.array(img)).permute(2, 0, 1), 1), x1)   # PIL or uint8: the same
+    diffs = [not torch.equal(x1, train(img, s)) for s in range(2, 7)]   # other seeds, other crops
+    assert sum(diffs) >= 4
     ev = A.image_transform(32, train=False)
     assert ev(Image.new("L", (90, 50)), None).shape == (3, 32, 32)          # grey, not square
     assert ev(Image.new("RGBA", (50, 90)), None).shape == (3, 32, 32)
@@ -1702,7 +1792,7 @@ def test_expand_braces():
     assert A.expand_braces("x{a,b{1..2}}y") == ["xay", "xb1y", "xb2y"]
     assert A.expand_braces("a.tar::d/{0..1}.tar") == ["a.tar", "d/0.tar", "d/1.tar"]
     assert A.expand_braces("plain.tar") == ["plain.tar"] and A.expand_braces("{x}.tar") == ["{x}.tar"]
-    with pytest.raises(ValueError, match="unbalanced"):
+    with pytest.raises(ValueError, match="(?i)unbalanced"):
         A.expand_braces("a{0..2.tar")
 
 
@@ -1834,7 +1924,7 @@ def test_tensor_eval_path_gives_the_pil_paths_embeddings_within_1e_3(capsys):
     noise = np.random.default_rng(0).integers(0, 256, (4, 80, 96, 3), dtype=np.uint8)  # the hardest case
     pngs = ([_png_bytes(scenes.image(i).crop((0, 8, 96, 88))) for i in range(len(scenes))]  # 96 x 80: not square
             + [_png_bytes(Image.fromarray(x)) for x in noise])
-    old = torch.stack([_pil_eval_reference(A.open_rgb(b), 64) for b in pngs]).double()
+    old = torch.stack([_pil_eval_reference(Image.open(io.BytesIO(b)).convert("RGB"), 64) for b in pngs]).double()
     new = A.normalize_images(torch.stack([transform(A.read_image(b)) for b in pngs]), torch.float64)
     with torch.no_grad():
         e_old, e_new = model.encode_image(old), model.encode_image(new)
@@ -1845,14 +1935,14 @@ def test_tensor_eval_path_gives_the_pil_paths_embeddings_within_1e_3(capsys):
     assert diff < 1e-3 and pixel.mean() < 1.0
 
 
-def test_16_bit_png_keeps_its_brightness():
+def test_16_bit_png_keeps_its_brightness(monkeypatch):
     grey = (np.arange(48 * 64).reshape(48, 64) * 21 % 65536).astype(np.uint16)
     buf = io.BytesIO()
     Image.fromarray(grey).save(buf, format="PNG")
     expected = torch.from_numpy((grey >> 8).astype(np.uint8)).expand(3, -1, -1)
     assert torch.equal(A.read_image(buf.getvalue()), expected)                       # torchvision
-    assert torch.equal(A.pil_to_uint8(Image.open(io.BytesIO(buf.getvalue()))), expected)  # the PIL fallback
-    assert np.array_equal(np.asarray(A.open_rgb(buf.getvalue())), expected.permute(1, 2, 0).numpy())
+    monkeypatch.setattr(A, "decode_image", None)                                       # torchvision without it
+    assert torch.equal(A.read_image(buf.getvalue()), expected)                       # the PIL fallback
     assert int(expected.float().mean()) < 200   # the old path turned nearly all of it white (255)
 
 
@@ -1900,7 +1990,8 @@ def test_one_persistent_loader_replays_every_epoch_and_resume_exactly(tmp_path, 
     scenes = A.SyntheticScenes("train", size=12, image_size=24)
     for source in (pattern, scenes):
         persistent = T.make_loader(source, _shard_args(2), _hash_tokenizer, None, cfg, 0, 1)
-        assert persistent.loader.persistent_workers and persistent.loader.prefetch_factor == 4
+        loader, = [c.cell_contents for c in persistent.__closure__ if isinstance(c.cell_contents, DataLoader)]
+        assert loader.persistent_workers and loader.prefetch_factor == 4
         for epoch, start in [(0, 0), (1, 0), (1, 5), (0, 3)]:
             fresh = T.make_loader(source, _shard_args(2 if source is pattern else 0), _hash_tokenizer, None,
                                   cfg, 0, 1)
@@ -2015,17 +2106,12 @@ def test_train_refuses_an_unwritable_cache_folder_before_any_work(tmp_path, monk
 
 def test_captions_are_listed_once_and_kept_for_later_runs(tmp_path, monkeypatch):
     pattern = _make_shards(tmp_path)
-    args = _shard_args(0, model="clip", no_rescale=False, captions=None, cache_dir=str(tmp_path / "cache"))
+    args = _shard_args(0, model="clip", beta=0.0, no_rescale=False, cache_dir=str(tmp_path / "cache"))
     captions, cache = T.captions_and_cache(args, pattern, 0, "cpu")
     assert cache is None and sorted(captions) == sorted(A.TarShards(pattern, None).caption_list())
-    assert len(list((tmp_path / "cache").glob("captions-*.jsonl"))) == 1
+    assert len(list((tmp_path / "cache").glob("captions-*"))) == 1
     monkeypatch.setattr(A.TarShards, "caption_list", lambda self: pytest.fail("listed again"))
     assert T.captions_and_cache(args, pattern, 0, "cpu")[0] == captions      # read from the file
-    (tmp_path / "mine.txt").write_text("a cat.\n\n  a dog on a mat. \n")
-    args.captions = str(tmp_path / "mine.txt")
-    assert T.captions_and_cache(args, pattern, 0, "cpu")[0] == ["a cat.", "a dog on a mat."]
-    A.write_captions(tmp_path / "odd.jsonl", ["two\nlines", "ünïcode"])
-    assert A.read_captions(tmp_path / "odd.jsonl") == ["two\nlines", "ünïcode"]
 
 
 def test_other_ranks_wait_for_rank_0s_captions_and_embeddings(tmp_path, monkeypatch):
@@ -2033,7 +2119,7 @@ def test_other_ranks_wait_for_rank_0s_captions_and_embeddings(tmp_path, monkeypa
     pattern = _make_shards(tmp_path)
     encoder = _CountingEncoder()
     monkeypatch.setattr(A, "load_sentence_encoder", lambda model, device: encoder)
-    args = _shard_args(0, model="alignclip", no_rescale=False, captions=None, cache_dir=str(tmp_path / "c"),
+    args = _shard_args(0, model="alignclip", beta=0.5, no_rescale=False, cache_dir=str(tmp_path / "c"),
                        semantic_model="fake")
     other = {}
     rank1 = threading.Thread(target=lambda: other.update(out=T.captions_and_cache(args, pattern, 1, "cpu")))
@@ -2050,42 +2136,9 @@ def test_default_workers_follow_the_cores_per_process(monkeypatch):
     for cores, local, expected in [(16, "1", 8), (16, "2", 7), (2, "1", 1), (1, "1", 0), (4, "8", 0)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-        assert T.default_workers() == expected
-    assert T.parse_args(["--workers", "3"]).workers == 3 and T.parse_args([]).workers == T.default_workers()
+        assert T.parse_args([]).workers == expected
+    assert T.parse_args(["--workers", "3"]).workers == 3 and T.parse_args(["--workers", "0"]).workers == 0
 
-
-class _BusyItems(torch.utils.data.Dataset):
-    def __len__(self):
-        return 7
-
-    def __getitem__(self, i):
-        t = time.process_time()
-        while time.process_time() - t < 0.1:
-            pass
-        return i
-
-
-def test_worker_cpu_seconds_counts_the_workers_not_the_main_process():
-    loader = DataLoader(_BusyItems(), batch_size=1, num_workers=1, persistent_workers=True)
-    it = iter(loader)
-    next(it)
-    before, main = T.worker_cpu_seconds(loader, _shard_args(1)), time.process_time()
-    assert len(list(it)) == 6      # 0.6 CPU-s of work left, less what the worker did before `before`
-    spent = T.worker_cpu_seconds(loader, _shard_args(1)) - before
-    assert 0.35 <= spent < 1.5 and time.process_time() - main < spent / 2
-
-
-def test_bench_data_prints_the_pipeline_rates(tmp_path, capsys):
-    out = T.bench_data(T.parse_args(["--bench-data", "--bench-batches", "3", "--batch-size", "8", "--workers", "1"]))
-    text = capsys.readouterr().out
-    assert "16 samples in batches of 8 from temporary JPEG shards" in text and "64 px out, 1 worker " in text
-    for line in ("samples/s", "samples per CPU-second per worker", "bare decode", "(torchvision)"):
-        assert line in text
-    assert out["samples_per_s"] > 0 and out["decode_per_cpu_s"] > 0
-    if math.isnan(out["per_cpu_s_per_worker"]):   # 16 samples may take less than the 0.1 CPU-s needed
-        assert "too little to measure" in text
-    else:
-        assert "2,000 pairs/s need" in text and out["per_cpu_s_per_worker"] > 0
 
 # =============================================================================
 # eval
@@ -2100,10 +2153,11 @@ TINY = dict(width=32, layers=1, heads=1, text_width=32, text_layers=1, text_head
 def _save_ours(path, tok, shared, model_kind):
     torch.manual_seed(0 if shared else 1)
     cfg = A.ModelConfig.preset("tiny", shared=shared, vocab_size=tok.vocab_size, eot_id=tok.eot_id, **TINY)
-    A.save_checkpoint({"config": asdict(cfg), "model": A.CLIP(cfg).state_dict(),
-                       "tokenizer": [" ".join(m) for m in tok.merges],
-                       "args": {"model": model_kind, "no_rescale": False, "alpha": 1.0, "beta": 0.5,
-                                "separate": "image", "semantic_model": None}}, path)
+    A.atomic_write(path, {"config": asdict(cfg), "model": A.CLIP(cfg).state_dict(),
+                          "tokenizer": [" ".join(m) for m in tok.merges],
+                          "args": {"model": model_kind, "no_rescale": False, "alpha": 1.0,
+                                   "beta": 0.5 if model_kind == "alignclip" else 0.0,   # as train.py stores it
+                                   "separate": "image", "semantic_model": None}})
     return str(path)
 
 
@@ -2140,7 +2194,8 @@ def _write_karpathy(root, scenes):
 
 
 def _write_coco_format(root, scenes):
-    """cocofmt/annotations/captions_val2017.json + cocofmt/val2017/ (5 images, ids out of order)."""
+    """cocofmt/annotations/captions_val2017.json + cocofmt/val2017/ (5 images): COCO's own caption format,
+    which eval.py refuses with a clear error (it reads Karpathy splits)."""
     names = _write_images(os.path.join(root, "cocofmt", "val2017"), scenes, range(20, 25), ext="jpg")
     images = [{"id": 100 - k, "file_name": n} for k, n in enumerate(names)]
     anns = [{"id": 10 * k + j, "image_id": 100 - k, "caption": c}
@@ -2150,7 +2205,7 @@ def _write_coco_format(root, scenes):
         json.dump({"images": images, "annotations": anns}, f)
 
 
-def _write_csv_and_shards(root, scenes):
+def _write_csv(root, scenes):
     names = _write_images(os.path.join(root, "csv"), scenes, range(30, 36))
     with open(os.path.join(root, "csv", "pairs.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -2158,12 +2213,6 @@ def _write_csv_and_shards(root, scenes):
         for i, n in zip(range(30, 36), names):
             w.writerow([n, scenes.caption(i)])
         w.writerow(["missing.png", "a caption whose image is missing"])   # a bad row: skipped
-    with tarfile.open(os.path.join(root, "shard-0.tar"), "w") as tar:
-        for i in range(36, 41):
-            for ext, data in (("png", _png_bytes(scenes.image(i))), ("txt", scenes.caption(i).encode())):
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def _png_bytes(img):
@@ -2173,11 +2222,10 @@ def _png_bytes(img):
 
 
 def _write_folders(root, scenes):
-    """An ImageFolder of 3 classes, and an ImageNet-R-like folder of 3 wnids with a 1000-wnid file."""
+    """Images in class folders (for similarity), and an ImageNet-R-like folder of 3 wnids with a
+    1000-wnid file."""
     for k, cls in enumerate(["circle_thing", "square_thing", "star_thing"]):
         _write_images(os.path.join(root, "folder", cls), scenes, range(50 + 3 * k, 53 + 3 * k))
-    with open(os.path.join(root, "classnames.txt"), "w") as f:
-        f.write("circle\nsquare\nstar\n")
     wnids = [f"n{i:08d}" for i in range(1000)]
     with open(os.path.join(root, "wnids.txt"), "w") as f:
         f.write("\n".join(wnids) + "\n")
@@ -2194,7 +2242,7 @@ def ev(tmp_path_factory):
     data = root / "data"
     _write_karpathy(str(data), scenes)
     _write_coco_format(str(data), scenes)
-    _write_csv_and_shards(str(data), scenes)
+    _write_csv(str(data), scenes)
     _write_folders(str(data), scenes)
     return {"root": root, "data": data, "tok": tok, "merges": str(root / "merges.txt"),
             "align": _save_ours(root / "alignclip.pt", tok, True, "alignclip"),
@@ -2214,8 +2262,8 @@ def one_thread():
 def run_eval(ev, command, *extra, out="out", checkpoints=("align", "clip")):
     argv = [command, "--out", str(ev["root"] / out), "--workers", "0", "--batch-size", "16",
             "--data-root", str(ev["data"]), "--synthetic-size", "12", "--synthetic-train-size", "8"]
-    for c in checkpoints:
-        argv += ["--checkpoint", ev[c]]
+    for c in checkpoints:   # a key of ev, or a path
+        argv += ["--checkpoint", ev.get(c, c)]
     return E.main(argv + list(extra))
 
 
@@ -2225,13 +2273,30 @@ def _is_png(path):
 
 
 def _embed_synthetic(path, n=12):
-    """Synthetic validation embeddings computed by hand, to check eval.py's pipeline against."""
+    """Synthetic validation embeddings computed by hand, to check eval.py's pipeline against: the scenes
+    drawn at the model's image size, as train.py's validation set."""
     model, tok = A.load_model(path, with_tokenizer=True)
-    scenes = A.SyntheticScenes("val", size=n)
+    scenes = A.SyntheticScenes("val", size=n, image_size=model.config.image_size)
     t = A.image_transform(model.config.image_size, train=False)
     with torch.no_grad():
         img = model.encode_image(A.normalize_images(torch.stack([t(scenes.image(i)) for i in range(n)])))
     return model, tok, img, [scenes.captions(i) for i in range(n)]
+
+
+def _flatten(captions, prompt=None):
+    """(every caption, put into the prompt if any; the image of each)."""
+    texts = [prompt.format(c) if prompt else c for caps in captions for c in caps]
+    return texts, torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+
+
+def test_eval_does_not_import_train():
+    # one protocol (A.evaluate) and one training loop (train.py, run as a program for fine-tuning):
+    # eval.py needs none of train.py's names
+    import ast
+    tree = ast.parse(Path(__file__).with_name("eval.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "train" not in imported and "alignclip" in imported
 
 
 # ----------------------------------------------------------------------------- DOSNES
@@ -2293,54 +2358,79 @@ def test_runs_sharing_a_label_get_mean_and_sample_std(ev, one_thread, capsys):
 
 
 def test_imagenet_v2_folders_map_by_number(tmp_path):
-    for c in ["0", "1", "2", "10", "999"]:
-        (tmp_path / c).mkdir()
-    classes, to_idx = E.numbered_classes(str(tmp_path))
-    assert classes == ["0", "1", "2", "10", "999"] and to_idx["10"] == 10 and to_idx["999"] == 999
+    # ImageNet-V2's 1000 folders are class indices, which ImageFolder sorts as text ("10" before "2")
+    png = _image_bytes((1, 2, 3), size=(2, 2))
+    for c in range(1000):
+        (tmp_path / "v2" / str(c)).mkdir(parents=True)
+        (tmp_path / "v2" / str(c) / "a.png").write_bytes(png)
+    args = E.build_parser().parse_args(["zeroshot", "--checkpoint", "x", "--imagenet-v2", str(tmp_path / "v2")])
+    (s,) = E.build_sets("classes", "imagenet-v2", args)
+    folder_of = [int(os.path.basename(os.path.dirname(p))) for p, _ in s.items.samples]
+    assert s.targets == folder_of and len(s.classnames) == 1000 and s.classnames[0] == "tench"
+    (tmp_path / "v2" / "999" / "a.png").unlink()
+    (tmp_path / "v2" / "999").rmdir()
+    with pytest.raises(E.MissingData, match=r"1000 folders 0/ .. 999/.*found 999 folders.*--imagenet-v2"):
+        E.build_sets("classes", "imagenet-v2", args)
 
 
 def test_templates_are_clips():
     assert len(E.IMAGENET_TEMPLATES) == 80 == len(set(E.IMAGENET_TEMPLATES))
     assert len(E.CIFAR_TEMPLATES) == 18 and len(E.CARS_TEMPLATES) == 8
     assert all("{}" in t for ts in E.TEMPLATES.values() for t in ts)
-    names = E.imagenet_classnames()
+    from torchvision.models import ResNet50_Weights
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]         # eval.py's ImageNet class names
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
 
 
 # ----------------------------------------------------------------------------- subcommands
 
 def test_alignment_matches_a_hand_computation_and_draws_the_cdf(ev, one_thread):
-    res = run_eval(ev, "alignment", "--datasets", "synthetic,csv,shards,imagefolder",
-                   "--csv", str(ev["data"] / "csv" / "pairs.csv"), "--shards", str(ev["data"] / "shard-0.tar"),
-                   "--imagefolder", str(ev["data"] / "folder"), "--classnames", str(ev["data"] / "classnames.txt"))
-    assert set(res) >= {"Synthetic", "pairs.csv", "shards", "folder", "_figures"}
+    res = run_eval(ev, "alignment", "--datasets", "synthetic,csv,coco,imagenet-r",
+                   "--csv", str(ev["data"] / "csv" / "pairs.csv"), "--imagenet-wnids", str(ev["data"] / "wnids.txt"))
+    assert set(res) >= {"Synthetic", "pairs.csv", "MSCOCO", "ImageNet-R", "_figures"}
     model, tok, img, caps = _embed_synthetic(ev["align"])
-    texts, owner = E.flatten_captions(caps)
+    texts, owner = _flatten(caps)
     txt = A.embed_texts(model, tok, texts)
     m = res["Synthetic"]["alignclip"]
-    assert m["alignment_score"] == pytest.approx(float(A.alignment_score(img[owner], txt)), abs=1e-5)
-    assert m["modality_gap"] == pytest.approx(float(A.modality_gap(img[owner], txt)), abs=1e-5)
-    assert m["mean_angle_deg"] == pytest.approx(math.degrees(math.acos(m["alignment_score"])))
+    assert m["alignment"] == pytest.approx(float(A.alignment_score(img[owner], txt)), abs=1e-5)
+    assert m["gap"] == pytest.approx(float(A.modality_gap(img[owner], txt)), abs=1e-5)
+    assert m["angle_deg"] == pytest.approx(math.degrees(math.acos(m["alignment"])))
     assert m["pairs"] == 12 * 5
     assert res["pairs.csv"]["clip"]["pairs"] == 6          # the row whose image is missing is dropped
-    assert res["shards"]["clip"]["pairs"] == 5
-    assert res["folder"]["clip"]["pairs"] == 9             # each image with the prompt of its class
+    assert res["MSCOCO"]["clip"]["pairs"] == 6 * 5         # the test split: every caption of 6 images
+    assert res["ImageNet-R"]["clip"]["pairs"] == 6         # each image with the prompt of its class
+    model_c, tok_c = A.load_model(ev["clip"], with_tokenizer=True)
+    folders = sorted(os.listdir(ev["data"] / "imagenet-r"))
+    paths = [ev["data"] / "imagenet-r" / w / f for w in folders for f in sorted(os.listdir(ev["data"] / "imagenet-r" / w))]
+    t = A.image_transform(model_c.config.image_size, train=False)
+    with torch.no_grad():
+        img_c = model_c.encode_image(A.normalize_images(torch.stack([t(A.read_image(p)) for p in paths])))
+    from torchvision.models import ResNet50_Weights
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    prompts = A.embed_texts(model_c, tok_c, [f"a photo of a {names[k]}." for k in (5, 10, 999)])
+    txt_c = prompts[torch.arange(6) // 2]                  # 2 images per class folder
+    assert res["ImageNet-R"]["clip"]["alignment"] == pytest.approx(float(A.alignment_score(img_c, txt_c)), abs=1e-5)
     assert _is_png(res["_figures"][0])
+    # the CSV columns are named as train.py names them: --csv-img-key, --csv-caption-key
+    with open(ev["data"] / "csv" / "pairs.csv") as f, open(ev["data"] / "csv" / "other.csv", "w") as g:
+        g.write("path,text\n" + "".join(f.readlines()[1:]))
+    other = run_eval(ev, "alignment", "--datasets", "csv", "--csv", str(ev["data"] / "csv" / "other.csv"),
+                     "--csv-img-key", "path", "--csv-caption-key", "text", out="other", checkpoints=("clip",))
+    assert other["other.csv"]["clip"] == res["pairs.csv"]["clip"]
     assert json.load(open(ev["root"] / "out" / "alignment.json"))["checkpoints"]["clip"] == ev["clip"]
 
 
-def test_zeroshot_synthetic_imagefolder_and_imagenet_r_subset(ev, one_thread):
-    res = run_eval(ev, "zeroshot", "--datasets", "synthetic,imagefolder,imagenet-r",
-                   "--imagefolder", str(ev["data"] / "folder"), "--classnames", str(ev["data"] / "classnames.txt"),
+def test_zeroshot_synthetic_and_imagenet_r_subset(ev, one_thread):
+    res = run_eval(ev, "zeroshot", "--datasets", "synthetic,imagenet-r",
                    "--imagenet-wnids", str(ev["data"] / "wnids.txt"), "--templates", "simple")
-    assert {"Synthetic shape", "Synthetic color", "folder", "ImageNet-R"} <= set(res)
-    for per_model in (res["folder"], res["ImageNet-R"]):
-        for m in per_model.values():
-            assert m["classes"] == 3 and 0 <= m["top1"] <= m["top5"] == 100.0   # top-5 of 3 classes
+    assert {"Synthetic shape", "Synthetic color", "ImageNet-R"} <= set(res)
+    for m in res["ImageNet-R"].values():
+        assert m["classes"] == 3 and m["images"] == 6 and 0 <= m["top1"] <= m["top5"] == 100.0   # top-5 of 3
     args = E.build_parser().parse_args(["zeroshot", "--checkpoint", "x", "--data-root", str(ev["data"]),
                                         "--imagenet-wnids", str(ev["data"] / "wnids.txt")])
     (s,) = E.build_sets("classes", "imagenet-r", args)
-    names = E.imagenet_classnames()
+    from torchvision.models import ResNet50_Weights
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
     assert s.classnames == [names[5], names[10], names[999]]   # the 200-class subset idea, mapped by wnid
     assert len(s.templates) == 80
 
@@ -2348,7 +2438,7 @@ def test_zeroshot_synthetic_imagefolder_and_imagenet_r_subset(ev, one_thread):
 def test_zeroshot_synthetic_matches_a_hand_computation(ev, one_thread):
     res = run_eval(ev, "zeroshot", checkpoints=("align",))
     model, tok, img, _ = _embed_synthetic(ev["align"])
-    scenes = A.SyntheticScenes("val", size=12)
+    scenes = A.SyntheticScenes("val", size=12, image_size=model.config.image_size)
     W = A.zeroshot_classifier(model, tok, scenes.label_names["shape"], scenes.zeroshot_templates["shape"])
     y = torch.tensor([scenes.labels(i)["shape"] for i in range(12)])
     assert res["Synthetic shape"]["alignclip"]["top1"] == pytest.approx(A.accuracy(img @ W.T, y)[1])
@@ -2364,6 +2454,11 @@ def test_missing_data_names_the_layout_and_the_option(ev, tmp_path, one_thread):
         run_eval(ev, "zeroshot", "--datasets", "imagenet-r", "--imagenet-r", str(ev["data"] / "imagenet-r"), *empty)
     with pytest.raises(SystemExit, match=r"dataset_coco.json.*--coco-json"):
         run_eval(ev, "retrieval", "--datasets", "coco", *empty)
+    with pytest.raises(SystemExit, match=r"column 'caption' not in .*pairs.csv.*--csv-caption-key"):
+        run_eval(ev, "alignment", "--datasets", "csv", "--csv", str(ev["data"] / "csv" / "pairs.csv"),
+                 "--csv-caption-key", "caption", *empty)
+    with pytest.raises(SystemExit, match=r"--csv: CSV file not found"):
+        run_eval(ev, "alignment", "--datasets", "csv", "--csv", str(tmp_path / "none.csv"), *empty)
     assert os.listdir(tmp_path) == []                      # nothing was downloaded
 
 
@@ -2387,85 +2482,127 @@ def test_linear_probe_runs_and_the_probe_learns(ev, one_thread):
     assert A.accuracy(probe(x), y, topk=(1,))[1] == 100.0
 
 
-def test_retrieval_karpathy_coco_format_and_prompt(ev, one_thread):
+def test_retrieval_karpathy_and_prompt(ev, one_thread):
     res = run_eval(ev, "retrieval", "--datasets", "synthetic,coco", checkpoints=("align",))
     assert res["MSCOCO"]["alignclip"]["images"] == 6 and res["MSCOCO"]["alignclip"]["captions"] == 30
     model, tok, img, caps = _embed_synthetic(ev["align"])
-    texts, owner = E.flatten_captions(caps, "a photo of the {}")
+    texts, owner = _flatten(caps, "a photo of the {}")
     assert texts[0] == "a photo of the " + caps[0][0]
     want = A.retrieval_recall(img, A.embed_texts(model, tok, texts), owner)
     for k, v in want.items():
         assert res["Synthetic"]["alignclip"][k] == pytest.approx(v)
-    fmt = run_eval(ev, "retrieval", "--datasets", "coco", "--no-prompt", "--coco-json",
-                   str(ev["data"] / "cocofmt" / "annotations" / "captions_val2017.json"),
-                   "--coco-images", str(ev["data"] / "cocofmt"), checkpoints=("align",))
-    assert fmt["MSCOCO"]["alignclip"]["images"] == 5     # found under cocofmt/val2017/
+    raw = run_eval(ev, "retrieval", "--no-prompt", checkpoints=("align",), out="raw")   # the captions as written
+    want = A.retrieval_recall(img, A.embed_texts(model, tok, _flatten(caps)[0]), owner)
+    for k, v in want.items():
+        assert raw["Synthetic"]["alignclip"][k] == pytest.approx(v)
+    given = run_eval(ev, "retrieval", "--datasets", "coco", "--data-root", "/nonexistent", "--coco-json",
+                     str(ev["data"] / "coco" / "dataset_coco.json"), "--coco-images", str(ev["data"] / "coco"),
+                     checkpoints=("align",), out="given")
+    assert given["MSCOCO"] == res["MSCOCO"]
 
 
 def test_karpathy_splits_and_missing_images(ev, tmp_path, one_thread):
     args = E.build_parser().parse_args(["retrieval", "--checkpoint", "x", "--data-root", str(ev["data"])])
-    assert E.build_sets("pairs", "coco", args, "train")[0].size == 5   # train + restval
-    assert E.build_sets("pairs", "coco", args, "test")[0].size == 6
-    # a COCO-format --coco-json holds only its own images: training falls back to the default files
-    args.coco_json = str(ev["data"] / "cocofmt" / "annotations" / "captions_val2017.json")
-    args.coco_images = str(ev["data"] / "cocofmt")
-    assert E.build_sets("pairs", "coco", args, "test")[0].size == 5
-    args.coco_images = None
-    train = E.build_sets("pairs", "coco", args, "train")[0]
-    assert train.size == 5 and not any("cocofmt" in p for p in train.base.paths)
+    train = E.build_sets("pairs", "coco", args, "train")[0].items
+    assert len(train) == 5 and all(os.path.isfile(p) for p in train.images)   # train + restval
+    test = E.build_sets("pairs", "coco", args, "test")[0].items
+    assert len(test) == 6 and all(len(test.captions(i)) == 5 for i in range(6))
+    assert not set(train.images) & set(test.images)
+    args.coco_json = str(ev["data"] / "cocofmt" / "annotations" / "captions_val2017.json")   # COCO's own format
+    with pytest.raises(E.UsageError, match="captions_val2017.json: not a Karpathy split JSON"):
+        E.build_sets("pairs", "coco", args, "test")
     args.coco_json = None
     args.coco_images = str(tmp_path)
-    with pytest.raises(E.MissingData, match="--coco-images"):
+    with pytest.raises(E.MissingData, match="6 of 6 images listed in .*dataset_coco.json are missing.*--coco-images"):
         E.build_sets("pairs", "coco", args, "test")
 
 
-class FakeSentenceEncoder:
-    """Stands in for SBERT: a fixed random vector per caption."""
+def _run_checkpoint(ev, key, path, **options):
+    """ev[key] as a run trained with other options (what train.py stores in the checkpoint's "args")."""
+    obj = torch.load(ev[key], weights_only=True)
+    obj["args"] = dict(obj["args"], **options)
+    A.atomic_write(path, obj)
+    return str(path)
 
-    def encode(self, texts, batch_size=32, convert_to_numpy=True, **kw):
-        return np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(8) for t in texts])
 
-
-def test_finetune_saves_a_loadable_checkpoint_and_reports_retrieval(ev, monkeypatch, one_thread):
-    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
+def test_finetune_saves_a_loadable_checkpoint_and_reports_retrieval(ev, tmp_path, monkeypatch, one_thread):
+    # fine-tuning is train.py in a subprocess, --init-from the checkpoint, with the run's own model and
+    # loss (here one trained with --no-rescale: no sentence encoder needed). The working folder is
+    # tmp_path: train.py's default --cache-dir is relative.
+    monkeypatch.chdir(tmp_path)
+    align = _run_checkpoint(ev, "align", tmp_path / "alignclip.pt", no_rescale=True)
     res = run_eval(ev, "finetune-retrieval", "--datasets", "synthetic,coco", "--finetune-epochs", "1",
-                   "--finetune-batch-size", "4", "--finetune-lr", "1e-3", "--semantic-model", "fake-sbert")
+                   "--finetune-batch-size", "4", "--finetune-lr", "1e-3", "--finetune-synthetic-size", "8",
+                   out="ft", checkpoints=(align, "clip"))
     m = res["MSCOCO"]["alignclip"]
-    assert m["loss"] == "alignclip" and res["MSCOCO"]["clip"]["loss"] == "clip"
-    assert {"i2t_R@1", "t2i_R@10"} <= set(m)
+    assert m["model"] == "alignclip" and res["MSCOCO"]["clip"]["model"] == "clip"
+    assert {"i2t_R@1", "t2i_R@10", "images", "captions"} <= set(m) and m["images"] == 6
+    assert {"alignclip", "clip"} == set(res["Synthetic"])
     model, tok = A.load_model(m["checkpoint"], with_tokenizer=True)
-    saved = torch.load(m["checkpoint"], weights_only=True)
-    assert saved["args"]["finetune"]["dataset"] == "coco" and saved["args"]["model"] == "alignclip"
+    saved = torch.load(m["checkpoint"], weights_only=True)["args"]
+    assert saved["model"] == "alignclip" and saved["init_from"] == align and saved["no_rescale"]
+    assert saved["data"].endswith("train.csv") and saved["beta"] == 0.5   # the run's own loss options
+    clip_run = torch.load(res["MSCOCO"]["clip"]["checkpoint"], weights_only=True)["args"]
+    assert clip_run["model"] == "clip" and clip_run["beta"] == 0.0
     assert tok.merges == ev["tok"].merges
     before = A.load_model(ev["align"])
     assert not torch.equal(before.projection, model.projection), "fine-tuning changed nothing"
+    # the fine-tuned model's numbers are those eval.py's retrieval gives its checkpoint
+    tuned = E.main(["retrieval", "--checkpoint", m["checkpoint"], "--label", "alignclip", "--datasets", "coco",
+                    "--data-root", str(ev["data"]), "--workers", "0", "--batch-size", "16", "--out", str(tmp_path / "r")])
+    assert tuned["MSCOCO"]["alignclip"] == {k: v for k, v in m.items() if k not in ("checkpoint", "model")}
 
 
-def test_finetune_takes_train_py_steps_on_its_cosine_schedule(ev, monkeypatch, one_thread):
-    # eval.py's fine-tuning has no loop of its own: train.py's optimizer, schedule and train_step
-    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
-    calls, real = [], T.train_step
-
-    def step(model, optimizer, scaler, dtype, batch, args, lr, sizes=None):
-        calls.append((lr, args.model, args.alpha, optimizer.param_groups[0]["weight_decay"],
-                      optimizer.param_groups[0]["betas"], len(batch["tokens"]), batch["semantic"] is not None))
-        return real(model, optimizer, scaler, dtype, batch, args, lr, sizes)
-    monkeypatch.setattr(T, "train_step", step)
-    run_eval(ev, "finetune-retrieval", "--finetune-synthetic-size", "6", "--finetune-epochs", "2",
-             "--finetune-batch-size", "3", "--finetune-lr", "1e-3", "--alpha", "0.75",
-             "--semantic-model", "fake-sbert", checkpoints=("align",))
-    assert len(calls) == 4                                      # 2 epochs x 6 images / 3
-    assert [c[0] for c in calls] == [0.5 * 1e-3 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+def test_finetune_runs_train_py_with_the_papers_recipe_on_a_cosine_schedule(ev, tmp_path, monkeypatch, one_thread):
+    assert E.build_parser().parse_args(["all", "--checkpoint", "x"]).finetune_synthetic_size == 1000
+    monkeypatch.chdir(tmp_path)
+    commands, real = [], E.subprocess.run
+    monkeypatch.setattr(E.subprocess, "run", lambda cmd, *a, **k: commands.append(cmd) or real(cmd, *a, **k))
+    align = _run_checkpoint(ev, "align", tmp_path / "run.pt", no_rescale=True, alpha=0.75, separate="both")
+    res = run_eval(ev, "finetune-retrieval", "--finetune-synthetic-size", "6", "--finetune-epochs", "2",
+                   "--finetune-batch-size", "3", "--finetune-lr", "1e-3", checkpoints=(align,), out="recipe")
+    (cmd,) = commands
+    assert cmd[1].endswith("train.py")
+    args = T.parse_args(cmd[2:])                                        # train.py's own options
     wd = E.build_parser().parse_args(["finetune-retrieval", "--checkpoint", "x"]).finetune_weight_decay
-    assert all(c[1:] == ("alignclip", 0.75, wd, (0.9, 0.98), 3, True) for c in calls)
+    assert (args.init_from, args.model, args.alpha, args.beta, args.separate, args.no_rescale) == \
+        (align, "alignclip", 0.75, 0.5, "both", True)                   # the run's own model and loss
+    assert (args.data, args.train_size, args.val_size, args.epochs, args.batch_size) == ("synthetic", 6, 12, 2, 3)
+    assert (args.lr, args.wd, args.warmup, args.workers) == (1e-3, wd, 0, 0)
+    folder = Path(res["Synthetic"]["run"]["checkpoint"]).parent
+    recs = records(folder)
+    assert recs[-1]["step"] == 4 and recs[-1]["epoch"] == 1             # 2 epochs x 6 scenes / 3
+    assert recs[-1]["lr"] == pytest.approx(A.cosine_lr(3, 4, 1e-3, 0))  # no warm-up, cosine to 0
+    assert json.load(open(folder / "config.json"))["args"]["init_from"] == align
 
 
-def test_finetune_foreign_checkpoint_defaults_to_clip_loss(ev, one_thread):
-    res = run_eval(ev, "finetune-retrieval", "--finetune-epochs", "1", "--finetune-batch-size", "4",
-                   "--tokenizer", ev["merges"], "--heads", "1", checkpoints=("foreign",))
-    m = res["Synthetic"]["foreign_shared"]
-    assert m["loss"] == "clip"
-    assert A.load_model(m["checkpoint"], with_tokenizer=True)[1] is not None   # now carries its tokenizer
+def test_finetune_foreign_checkpoints_get_clip_or_alignclip_and_carry_their_tokenizer(ev, tmp_path, monkeypatch,
+                                                                                     one_thread):
+    monkeypatch.chdir(tmp_path)
+    tok = ev["tok"]
+    torch.manual_seed(5)
+    cfg = A.ModelConfig.preset("tiny", shared=False, vocab_size=tok.vocab_size, eot_id=tok.eot_id, **TINY)
+    two_towers = A.CLIP(cfg)
+    torch.save(A._openclip_names(two_towers.state_dict()), tmp_path / "openclip.pt")   # OpenCLIP's layout
+    common = ["--finetune-epochs", "1", "--finetune-batch-size", "4", "--finetune-synthetic-size", "8",
+              "--tokenizer", ev["merges"], "--heads", "1"]
+    res = run_eval(ev, "finetune-retrieval", *common, checkpoints=(str(tmp_path / "openclip.pt"),), out="oc")
+    m = res["Synthetic"]["openclip"]
+    assert m["model"] == "clip"                                         # two towers: CLIP's loss
+    tuned, tuned_tok = A.load_model(m["checkpoint"], with_tokenizer=True)
+    assert tuned_tok is not None and tuned_tok.merges == tok.merges     # now carries its tokenizer
+    assert not tuned.config.shared and not torch.equal(tuned.projection, two_towers.projection)
+    # the authors' layout (one shared transformer): alignclip; train.py's failure is eval.py's one line
+    commands = []
+    monkeypatch.setattr(E.subprocess, "run", lambda cmd, *a, **k: commands.append(cmd) or
+                        E.subprocess.CompletedProcess(cmd, 2))
+    with pytest.raises(SystemExit, match="fine-tuning foreign_shared on synthetic: train.py failed") as e:
+        run_eval(ev, "finetune-retrieval", *common, checkpoints=("foreign",), out="shared")
+    assert e.value.code and "\n" not in str(e.value)
+    args = T.parse_args(commands[0][2:])
+    assert args.model == "alignclip" and args.beta == 0.5
+    init, init_tok = A.load_model(args.init_from, with_tokenizer=True)   # saved in our format, with --tokenizer's
+    assert init.config.shared and init_tok.merges == tok.merges
 
 
 def test_dosnes_and_similarity(ev, one_thread):
@@ -2513,23 +2650,10 @@ def test_all_writes_each_result_as_soon_as_it_exists(ev, monkeypatch, one_thread
     assert "Synthetic" in saved["alignment"] and "Synthetic" in saved["retrieval"]
 
 
-def test_synthetic_finetune_is_small_by_default_and_encodes_only_the_captions_it_uses(ev, monkeypatch, one_thread):
-    assert E.build_parser().parse_args(["all", "--checkpoint", "x"]).finetune_synthetic_size == 1000
-    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": FakeSentenceEncoder())
-    seen = []
-    real = E.semantic_cache
-    monkeypatch.setattr(E, "semantic_cache", lambda captions, *a: seen.append(captions) or real(captions, *a))
-    run_eval(ev, "finetune-retrieval", "--finetune-synthetic-size", "6", "--finetune-epochs", "2",
-             "--finetune-batch-size", "3", "--semantic-model", "fake-sbert", checkpoints=("align",))
-    scenes = A.SyntheticScenes("train", size=6)
-    want = {E.pick_caption(scenes.captions(i), 0, epoch, i) for epoch in range(2) for i in range(6)}
-    assert seen == [sorted(want)]          # 6 images x 2 epochs, not the 5 captions of 5000 images
-
-
-def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, one_thread):
-    calls = []
-    real = E.Encoder._encode_images
-    monkeypatch.setattr(E.Encoder, "_encode_images", lambda self, s: calls.append((self.label, s.key)) or real(self, s))
+def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, capsys, one_thread):
+    calls, embed_images = [], A.embed_images   # every image set is encoded by it (A.evaluate calls it too)
+    monkeypatch.setattr(A, "embed_images", lambda model, items, *a, **k:
+                        calls.append(len(items)) or embed_images(model, items, *a, **k))
     res = run_eval(ev, "all", "--skip", "finetune-retrieval", "--probe-epochs", "1", "--dosnes-n", "8",
                    "--dosnes-iterations", "20", "--perplexity", "2", out="all")
     out = ev["root"] / "all"
@@ -2537,14 +2661,15 @@ def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, o
     assert {"alignment", "zeroshot", "linear-probe", "retrieval", "dosnes", "similarity", "skipped"} <= set(saved)
     assert "MSCOCO" in saved["retrieval"] and "MSCOCO" in saved["alignment"]     # present under --data-root
     assert "cifar-10-batches-py" in saved["skipped"]["zeroshot/cifar10"]          # absent: skipped, with why
-    assert saved["skipped"]["finetune-retrieval"] == "--skip"
+    assert saved["skipped"]["finetune-retrieval"] == "--skip" and not saved.get("unfinished")
     assert all(_is_png(p) for p in saved["alignment"]["_figures"] + saved["dosnes"]["_figures"])
-    assert len(calls) == len(set(calls)), "an image set was encoded twice in one run"
-    calls.clear()
-    again = run_eval(ev, "retrieval", "--datasets", "synthetic,coco", out="all")     # same --out: disk cache
-    assert calls == []
-    assert again["MSCOCO"] == res["retrieval"]["MSCOCO"]
-
+    assert saved["retrieval"]["Synthetic"] == res["retrieval"]["Synthetic"]
+    encoding = [l for l in capsys.readouterr().out.splitlines() if ": encoding " in l]
+    assert len(encoding) == len(set(encoding)), "an image set was encoded twice in one run"
+    similarity = 2                                  # one embed_images per checkpoint for its own images
+    assert len(calls) == len(encoding) + similarity
+    # the synthetic validation scenes serve alignment, zero-shot, retrieval and DOSNES: once per model
+    assert sum(l.endswith("synthetic:val (12 images)") for l in encoding) == 2
 
 
 # =============================================================================
@@ -2584,8 +2709,12 @@ def test_a_few_steps_of_each_model(tmp_path, monkeypatch, model):
     recs = records(out)
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert all({"lr", "logit_scale", "grad_norm", "pairs_per_s", "eta_min", "skipped"} <= set(r) for r in recs)
+    assert [r["lr"] for r in recs] == [A.cosine_lr(k, 3, 5e-4, 100) for k in range(3)]   # step k+1 runs at lr(k)
     if model == "alignclip":
         assert "loss_imsep" in recs[0] and "loss_cross_modal_sum" in recs[0]
+    else:
+        assert "loss_clip" in recs[0] and "loss_imsep" not in recs[0]      # beta 0: CLIP's loss
     loaded, tok = A.load_model(str(out / "last.pt"), with_tokenizer=True)   # readable by load_model
     assert loaded.config.shared == (model != "clip")
     assert tok.vocab_size == loaded.config.vocab_size
@@ -2618,13 +2747,13 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     good = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     real = T.compute_loss
 
-    def poisoned(model, images, tokens, semantic, args, world=1, sizes=None):
-        loss, parts = real(model, images, tokens, semantic, args, world, sizes)
+    def poisoned(model, images, tokens, semantic, args, sizes=None):
+        loss, parts = real(model, images, tokens, semantic, args, sizes)
         return loss * float("nan"), parts
     monkeypatch.setattr(T, "compute_loss", poisoned)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         run(tmp_path, "--model", "shared", "--steps", "8", "--save-every", "1", "--resume", out="nan")
-    assert "not finite at step 5" in capsys.readouterr().out
+    assert e.value.code == 1 and "loss is not finite at or before step 5" in capsys.readouterr().out
     kept = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     assert kept["position"] == good["position"]
     assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
@@ -2675,6 +2804,25 @@ def test_csv_and_tar_data_with_bad_samples(tmp_path, monkeypatch):
     assert len(records(out)) == 2
 
 
+def test_a_csv_validation_set_is_scored_by_evaluate(tmp_path, monkeypatch):
+    # --val-data pairs.csv: the final validation (and --eval-every) read it through A.evaluate, which
+    # needs each image's captions: CsvPairs.captions(i) (api.md); unreadable rows are skipped and counted
+    small_preset(monkeypatch)
+    rows = _write_pairs(tmp_path / "imgs", 16)
+    with open(tmp_path / "imgs" / "pairs.csv", "w") as f:
+        f.write("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    csv_file = str(tmp_path / "imgs" / "pairs.csv")
+    pairs = A.CsvPairs(csv_file)
+    assert [pairs.captions(i) for i in (0, 15)] == [[rows[0][1]], [rows[15][1]]]
+    out = run(tmp_path, "--model", "shared", "--data", csv_file, "--val-data", csv_file, "--batch-size", "6",
+              "--steps", "2", "--eval-every", "2", "--eval-subset", "0", out="csvval")
+    final = json.load(open(out / "final_metrics.json"))
+    assert (final["images"], final["pairs"], final["skipped"]) == (16, 16, 2)
+    assert "zeroshot_shape_top1" not in final and {"alignment", "gap", "i2t_R@1"} <= set(final)
+    logged = [json.loads(l)["val"] for l in open(out / "log.jsonl") if '"val"' in l]
+    assert len(logged) == 2 and logged[-1] == final                   # steps 0 and 2, the whole set
+
+
 def _bad_csv(folder, good, bad):
     """A CSV of `good` readable images and `bad` rows naming files that do not exist."""
     rows = _write_pairs(folder, good)[:good] + [(f"gone{i}.png", f"a missing picture {i}") for i in range(bad)]
@@ -2684,57 +2832,49 @@ def _bad_csv(folder, good, bad):
 
 
 def test_nan_rule_never_writes_a_bad_checkpoint(tmp_path, monkeypatch, capsys):
+    # the update of step 3 turns a weight into inf (its loss was still finite): the checkpoint due
+    # after step 3 is refused, the run stops with code 1, and step 2's checkpoint is what is left
     small_preset(monkeypatch)
-    real = T.train_step
-    poison = {}
+    real = T.make_optimizer
 
-    def step(model, optimizer, *rest):   # after the update of the poisoned step, spoil the weights
-        out = real(model, optimizer, *rest)
-        step.n = getattr(step, "n", 0) + 1
-        if step.n == 3:
-            poison["fn"](optimizer.param_groups[0]["params"])
-        return out
-    monkeypatch.setattr(T, "train_step", step)
-    cases = {"are not finite": lambda ps: ps[0].data.fill_(float("inf")),
-             # finite weights whose forward overflows: once saved as "good"
-             "give a non-finite loss": lambda ps: [p.data.fill_(3e38) for p in ps if p.ndim == 4]}
-    for what, fn in cases.items():
-        poison["fn"], step.n = fn, 0
-        with pytest.raises(SystemExit) as e:
-            run(tmp_path, "--model", "shared", "--steps", "6", "--save-every", "1", out=what)
-        assert e.value.code == 1
-        assert f"the weights after step 3 {what}" in capsys.readouterr().out
-        kept = torch.load(tmp_path / what / "last.pt", weights_only=True)
-        assert kept["position"]["step"] == 2
-        assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    def make_optimizer(model, args, device):
+        optimizer = real(model, args, device)
+        steps = [0]
 
-
-def test_non_finite_watch_remembers_the_first_bad_step():
-    watch = T.NonFiniteWatch(torch.device("cpu"))
-    for step, loss in enumerate([1.0, 2.0, float("nan"), 3.0, float("inf")], 1):
-        watch.update(torch.tensor(loss), step)
-        assert watch.poll() == watch.first_bad() == (None if step < 3 else 3)
-    ddp = T.NonFiniteWatch(torch.device("cpu"), world=2)
-    ddp.update(torch.tensor(float("nan")), 1)
-    assert ddp.poll() is None and ddp.first_bad() == 1   # DDP: all ranks read it at the same log line
+        def spoil(opt, *_):
+            steps[0] += 1
+            if steps[0] == 3:
+                opt.param_groups[0]["params"][0].data.fill_(float("inf"))
+        optimizer.register_step_post_hook(spoil)
+        return optimizer
+    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "shared", "--steps", "6", "--save-every", "1", out="inf")
+    assert e.value.code == 1
+    assert "loss or weights not finite by step 3" in capsys.readouterr().out
+    kept = torch.load(tmp_path / "inf" / "last.pt", weights_only=True)
+    assert kept["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert not [p for p in os.listdir(tmp_path / "inf") if ".tmp" in p]
 
 
 def test_nan_loss_is_caught_before_the_end_of_epoch_checkpoint(tmp_path, monkeypatch, capsys):
     # the issue's case (--lr 1e9): epochs of 6 steps, a log line every 100 steps, a checkpoint per epoch;
-    # only step 2's loss is NaN, so the rule must remember it, not look at the latest loss
+    # only step 2's loss is NaN, so the rule must remember it, not look at the latest loss: the flag
+    # is read at the first log line or checkpoint, the end of epoch 0, and nothing is saved
     small_preset(monkeypatch)
-    steps, real_loss, real_step = [], T.compute_loss, T.train_step
+    steps, real_loss = [], T.compute_loss
 
     def loss(*a, **k):
+        steps.append(1)
         value, parts = real_loss(*a, **k)
         return (value * float("nan") if len(steps) == 2 else value), parts
 
     monkeypatch.setattr(T, "compute_loss", loss)
-    monkeypatch.setattr(T, "train_step", lambda *a: steps.append(1) or real_step(*a))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         run(tmp_path, "--model", "shared", "--epochs", "2", "--log-every", "100", out="lr")
-    assert "loss is not finite at step 2: stopping" in capsys.readouterr().out
-    assert len(steps) <= 3                             # stopped at once, not at the next log line
+    assert e.value.code == 1 and "not finite by step 6: stopping without saving" in capsys.readouterr().out
+    assert len(steps) == 6                             # stopped at the first check, not at the end
     assert not (tmp_path / "lr" / "last.pt").exists()  # no checkpoint at all rather than a bad one
 
 
@@ -2745,16 +2885,15 @@ def test_empty_batches_are_skipped_and_counted_and_empty_epochs_are_errors(tmp_p
               "--epochs", "1", out="mixed")
     last = records(out)[-1]
     assert last["step"] == 9 and last["empty_batches"] == last["skipped"] > 0
-    assert "batches had none usable" in capsys.readouterr().out
     # every image missing: the epoch gives no batch, an error naming the data, not an endless loop
     with pytest.raises(SystemExit, match=r"pairs.csv: epoch 0 gave no batch: fewer usable pairs than one batch of 8") as e:
         run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--steps", "4", out="gone")
     assert e.value.code == 2 and not (tmp_path / "gone" / "last.pt").exists()
-    # a long run of empty batches stops too
-    monkeypatch.setattr(T, "EMPTY_BATCHES_IN_A_ROW", 5)
-    with pytest.raises(SystemExit, match="5 batches in a row had no usable pair"):
+    # every batch empty (batch size 1): the same error, not an endless loop
+    with pytest.raises(SystemExit, match=r"epoch 0 gave no batch: fewer usable pairs than one batch of 1") as e:
         run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--batch-size", "1",
             "--steps", "4", out="gone1")
+    assert e.value.code == 2 and not (tmp_path / "gone1" / "last.pt").exists()
 
 
 def test_a_shard_smaller_than_one_batch_is_an_error_not_an_endless_loop(tmp_path, monkeypatch):
@@ -2781,34 +2920,73 @@ def test_resume_refuses_other_run_defining_options(tmp_path, monkeypatch):
     assert e.value.code == 2 and "\n" not in line
     assert "--batch-size 8 there, 4 now" in line and "--model 'shared' there, 'clip' now" in line
     assert (tmp_path / "r" / "last.pt").read_bytes() == before           # nothing touched
+    for other, said in [(["--fixed-logit-scale"], "--fixed-logit-scale False there, True now"),
+                        (["--init-logit-scale", "100"], "--init-logit-scale 14.2"),
+                        (["--beta", "0.5"], "--beta 0.0 there, 0.5 now")]:
+        with pytest.raises(SystemExit, match=said) as e:
+            run(tmp_path, "--model", "shared", "--steps", "4", "--resume", *other, out="r")
+        assert e.value.code == 2 and "\n" not in str(e.value)
     run(tmp_path, "--model", "shared", "--steps", "6", "--workers", "1", "--resume", out="r")   # may change
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["position"]["step"] == 6
 
 
-def test_options_newer_than_a_saved_run_count_as_their_default():
+def _fake_training_checkpoint(path, args, position):
+    """What read_resume reads of a checkpoint: the keys it requires, the options and the position."""
+    A.atomic_write(path, {"config": {}, "model": {}, "optimizer": {}, "tokenizer": [], "args": args,
+                          "position": position})
+    return str(path)
+
+
+def test_options_newer_than_a_saved_run_count_as_their_default(tmp_path):
     before = vars(T.parse_args(["--model", "shared"]))
     del before["alpha"]                                   # a run saved before --alpha existed
-    assert T.changed_options(before, vars(T.parse_args(["--model", "shared"])), T.NOT_RESULTS) == ""
-    now = vars(T.parse_args(["--model", "clip", "--alpha", "2", "--workers", "7"]))
-    assert T.changed_options(before, now, T.NOT_RESULTS) == ("--alpha 1.0 there, 2.0 now; "
-                                                             "--model 'shared' there, 'clip' now")
+    pos = {"step": 2, "epoch": 0, "batch": 2, "world_size": 1}
+    path = _fake_training_checkpoint(tmp_path / "old.pt", before, pos)
+    assert T.read_resume(path, T.parse_args(["--model", "shared", "--workers", "7"]), 1)["position"] == pos
+    now = T.parse_args(["--model", "clip", "--alpha", "2", "--workers", "7"])
+    with pytest.raises(ValueError) as e:
+        T.read_resume(path, now, 1)
+    assert "(--alpha 1.0 there, 2.0 now; --model 'shared' there, 'clip' now)" in str(e.value)
+    A.atomic_write(tmp_path / "weights.pt", {"model": {}})
+    with pytest.raises(ValueError, match="not a training checkpoint of this project.*--init-from"):
+        T.read_resume(str(tmp_path / "weights.pt"), now, 1)
+
+
+def test_resume_position_with_another_number_of_processes(tmp_path, capsys):
+    args = T.parse_args(["--model", "shared"])
+    path = _fake_training_checkpoint(tmp_path / "two.pt", vars(args), {"step": 3, "epoch": 1, "batch": 3,
+                                                                        "world_size": 2})
+    pos = T.read_resume(path, args, 1)["position"]
+    assert pos["batch"] == 6 and pos["step"] == 3 and pos["epoch"] == 1     # 3 x 16 pairs = 6 x 8
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    # one process continues the epoch with exactly the pairs that the two had not reached
+    seen = {i for r in range(2) for b in list(A.ResumableSampler(100, 8, epoch=1, rank=r, world_size=2))[:3]
+            for i in b}                                                       # 3 steps x 2 ranks x 8
+    after = [i for b in A.ResumableSampler(100, 8, epoch=1, start_batch=pos["batch"]) for i in b]
+    assert len(seen) == 48 and len(after) == 48 and not seen & set(after)    # 96 = 6 global batches of 16
+    one = _fake_training_checkpoint(tmp_path / "one.pt", vars(args), {"step": 5, "epoch": 0, "batch": 5})
+    assert T.read_resume(one, args, 2)["position"]["batch"] == 2             # no world_size: one process
+    same = _fake_training_checkpoint(tmp_path / "same.pt", vars(args), {"step": 5, "epoch": 0, "batch": 5,
+                                                                         "world_size": 2})
+    capsys.readouterr()
+    assert T.read_resume(same, args, 2)["position"]["batch"] == 5 and capsys.readouterr().out == ""
 
 
 def test_resume_help_lists_the_options_that_may_change(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    may = text[text.index("which may change:"):]
+    may = text[text.index("must be as saved, except:"):].split("--stop-after STOP_AFTER")[0]
     assert all(f"--{o}," in may or f"--{o} " in may for o in ("steps", "workers", "device", "epochs"))
-    assert "--batch-size" not in may.split("--stop-after")[0] and "--model," not in may
+    assert "--batch-size" not in may and "--model," not in may and "--resume" not in may
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
-    (["--steps", "0"], "--steps must be at least 1, not 0 (leave --steps out"),
+    (["--steps", "0"], "--steps must be at least 1, not 0"),
     (["--steps", "-1"], "--steps must be at least 1, not -1"),
     (["--data", "s/{0..1}.tar", "--steps", "5"], "give --train-num-samples N"),
-    (["--out", "FILE"], "is a file; give a folder"),
+    (["--out", "FILE"], "--out .*FILE: cannot create the folder or write in it .File exists"),
     (["--out", "FILE/run"], "--out .*FILE/run: cannot create the folder or write in it .Not a directory"),
     (["--cache-dir", "FILE/cache"], "Not a directory|File exists"),
 ])
@@ -2829,20 +3007,6 @@ def test_bad_arguments_end_with_one_line_before_any_work(tmp_path, monkeypatch, 
     assert e.value.code == 2 and "\n" not in str(e.value)
     assert re.search(message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message,
                      str(e.value))
-
-
-def test_ctrl_c_message_is_printed_by_the_main_process_only(monkeypatch, capsys):
-    stop = T.StopRequested()
-    try:
-        pid = os.getpid()
-        monkeypatch.setattr(os, "getpid", lambda: pid + 1)   # as in a forked data loader worker
-        stop._handler(signal.SIGINT, None)
-        assert not stop.flag and capsys.readouterr().out == ""
-        monkeypatch.setattr(os, "getpid", lambda: pid)
-        stop._handler(signal.SIGINT, None)
-        assert stop.flag and capsys.readouterr().out.count("Ctrl-C") == 1
-    finally:
-        stop.restore()
 
 
 def test_csv_errors_name_the_file_the_line_and_the_option(tmp_path, monkeypatch):
@@ -2922,13 +3086,27 @@ def test_fp16_training_with_grad_scaler_then_resume(tmp_path, monkeypatch):
 
 
 def test_unsupported_precision_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
+    # an autocast that leaves float32 products in float32 (as torch does where a dtype is unsupported)
     small_preset(monkeypatch)
-    monkeypatch.setattr(T, "_autocast_works", lambda device, dtype: False)
+
+    class NoAutocast:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(T.torch, "autocast", NoAutocast)
     monkeypatch.setattr(A.Tokenizer, "train", lambda *a, **k: pytest.fail("work before the check"))
-    with pytest.raises(SystemExit, match="--precision fp16: autocast on cpu does not support"):
+    with pytest.raises(SystemExit, match="--precision fp16: autocast on cpu does not support") as e:
         run(tmp_path, "--precision", "fp16", "--steps", "1")
+    assert e.value.code == 2 and "\n" not in str(e.value)
+    monkeypatch.undo()
     assert T.autocast_dtype("fp32", torch.device("cpu")) is None
     assert T.autocast_dtype("auto", torch.device("cpu")) is None
+    assert T.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_compile_trains_two_steps(tmp_path, monkeypatch):
@@ -2959,15 +3137,6 @@ def test_cuda_bf16_training_then_resume(tmp_path, monkeypatch, extra):
     torch._dynamo.reset()
 
 
-@gpu
-def test_cuda_selfcheck_reports_utilisation_and_memory(monkeypatch, capsys):
-    small_preset(monkeypatch)
-    T.main(["--selfcheck", "2", "--batch-size", "8", "--device", "cuda", "--precision", "bf16"])
-    out = capsys.readouterr().out
-    assert "% of 989 TFLOP/s" in out and "peak memory" in out
-    assert "no host-device sync in a training step" in out
-
-
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the operators that make the host wait for a tensor's value (item, float, int, bool,
     nonzero, masked_select, equal): on a GPU each is a host-device sync. Reads of `allowed`
@@ -2985,111 +3154,123 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("model", ["clip", "shared", "alignclip"])   # alignclip: the fused loss's own syncs
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_training_step_makes_no_host_sync(model, precision):
-    args = T.parse_args(["--model", model, "--batch-size", "6", "--precision", precision])
-    config = A.ModelConfig.preset("tiny", shared=model != "clip", width=32, layers=1, heads=1, embed_dim=16,
-                                  text_width=32, text_layers=1, text_heads=1, image_size=32, patch_size=8,
-                                  vocab_size=100, eot_id=99, context_length=8)
-    torch.manual_seed(0)
-    raw, cpu = A.CLIP(config), torch.device("cpu")
-    optimizer, dtype = T.make_optimizer(raw, args, cpu), T.autocast_dtype(precision, cpu)
-    batch = T.random_batch(config, 6, 10)
-    T.train_step(raw, optimizer, None, dtype, batch, args, 1e-4)    # creates the optimizer state
-    steps = [s["step"] for s in optimizer.state.values()]
-    with _HostReads(allowed=steps) as reads:
-        loss, parts, gnorm = T.train_step(raw, optimizer, None, dtype, batch, args, 1e-4)
-    assert reads.seen == []
-    assert torch.is_tensor(loss) and torch.is_tensor(gnorm) and all(map(torch.is_tensor, parts.values()))
-
-
-def test_the_loop_reads_device_values_only_once_per_log_interval(tmp_path, monkeypatch):
-    # every host read of a tensor's value in the training process between one train_step and the
-    # next (train_step itself: the test above); the batches are made in a loader worker process,
-    # whose own (host-side) reads are not seen here
+@pytest.mark.parametrize("model,precision", [("clip", "fp32"), ("shared", "bf16"), ("alignclip", "fp32"),
+                                             ("alignclip", "bf16")])   # alignclip: the fused loss's own syncs
+def test_training_steps_read_device_values_only_at_log_lines(tmp_path, monkeypatch, model, precision):
+    # every host read of a tensor's value in the training process from the start of one step's forward
+    # to the next's: the step (forward, backward, clip, optimizer, the non-finite flag) and the loop
+    # around it. Only the log line after step 3 may read. The batches are made in a loader worker
+    # process, whose own (host-side) reads are not seen here; the optimizer's step counters live on
+    # the host by design and are allowed.
     small_preset(monkeypatch)
-    events, real = [], T.train_step
-
-    def step(*args, **kw):
-        events.append("begin")
-        out = real(*args, **kw)
-        events.append("end")
-        return out
-    monkeypatch.setattr(T, "train_step", step)
+    _fake_sentence_encoder(monkeypatch)
+    events, optimizers = [], []
+    real_loss, real_opt = T.compute_loss, T.make_optimizer
+    monkeypatch.setattr(T, "compute_loss", lambda *a, **k: events.append("step") or real_loss(*a, **k))
+    monkeypatch.setattr(T, "make_optimizer", lambda *a, **k: optimizers.append(real_opt(*a, **k)) or optimizers[-1])
 
     class Reads(_HostReads):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.allowed = {st["step"].data_ptr() for o in optimizers for st in o.state.values() if "step" in st}
             n = len(self.seen)
             out = super().__torch_dispatch__(func, types, args, kwargs)
             events.extend(["read"] * (len(self.seen) - n))
             return out
     with Reads():
-        run(tmp_path, "--model", "shared", "--steps", "6", "--log-every", "3", "--save-every", "100",
-            "--workers", "1")
-    begins = [i for i, e in enumerate(events) if e == "begin"]
-    ends = [i for i, e in enumerate(events) if e == "end"]
-    reads_after = [events[a + 1:b].count("read") for a, b in zip(ends, begins[1:])]  # (5,) after steps 1-5
-    assert len(ends) == 6 and reads_after[2] > 0                   # the log line after step 3 reads
-    assert reads_after[:2] == [0, 0] and reads_after[3:] == [0, 0]  # no other step does
+        run(tmp_path, "--model", model, "--precision", precision, "--steps", "6", "--log-every", "3",
+            "--save-every", "100", "--workers", "1", "--semantic-model", "fake")
+    starts = [i for i, e in enumerate(events) if e == "step"]
+    reads = [events[a:b].count("read") for a, b in zip(starts, starts[1:])]   # (5,) steps 1-5, each to the next
+    assert len(starts) == 6 and reads[2] > 0                        # the log line after step 3 reads
+    assert reads[:2] == [0, 0] and reads[3:] == [0, 0]              # no other step does
 
 
-def test_selfcheck_prints_throughput_on_random_data(monkeypatch, capsys):
+def test_ctrl_c_saves_once_after_a_step_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     small_preset(monkeypatch)
-    loss = T.main(["--selfcheck", "2", "--model", "shared", "--batch-size", "4", "--threads", "2",
-                   "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert math.isfinite(loss)
-    assert "2 steps in" in out and "pairs/s" in out and "TFLOP/s per device" in out
+    common = ["--model", "clip", "--steps", "6", "--save-every", "100"]
+    straight = run(tmp_path, *common, out="straight")
+    real, calls, pid = T.compute_loss, [], os.getpid()
 
-
-def test_ctrl_c_in_one_process_saves_after_the_step_in_flight(tmp_path, monkeypatch, capsys):
-    import signal
-    small_preset(monkeypatch)
-    real, calls = T.train_step, []
-
-    def step(*args, **kw):
+    def loss(*a, **k):
         calls.append(1)
-        if len(calls) == 2:                    # during the second step
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kw)
-    monkeypatch.setattr(T, "train_step", step)
-    run(tmp_path, "--model", "clip", "--steps", "10", "--save-every", "100")
+        if len(calls) == 1:             # the handler as run in a forked loader worker: not this process
+            with monkeypatch.context() as m:
+                m.setattr(os, "getpid", lambda: pid + 1)
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        if len(calls) == 2:             # during the second step, in this process
+            os.kill(pid, signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(T, "compute_loss", loss)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *common, out="cut")
     out = capsys.readouterr().out
-    assert out.count("Ctrl-C: saving") == 1 and "stopped after step 2;" in out
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 2
+    assert e.value.code == 130                                  # `train.py && eval.py` must not go on
+    assert out.count("SIGINT: saving") == 1 and out.count("stopped after step") == 1
+    k = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["position"]["step"]
+    assert f"stopped after step {k};" in out and k in (2, 3)   # 2, the step in flight: see the next test
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is put back
+    monkeypatch.setattr(T, "compute_loss", real)
+    if not torch.cuda.is_available():   # random states of GPUs this machine lacks are ignored
+        ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+        ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2
+        torch.save(ckpt, tmp_path / "cut" / "last.pt")
+    run(tmp_path, *common, "--resume", out="cut")
+    a, b = _weights(straight / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)                         # bitwise the run never stopped
+    assert [r["loss"] for r in records(straight)] == [r["loss"] for r in records(tmp_path / "cut")]
+    # a second Ctrl-C aborts at once, without saving
+    calls.clear()
+
+    def twice(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(T, "compute_loss", twice)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *common, out="abort")
+    assert not (tmp_path / "abort" / "last.pt").exists() and len(calls) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # SIGTERM (a scheduler's preemption) is Ctrl-C's twin
+    calls.clear()
+    monkeypatch.setattr(T, "compute_loss", lambda *a, **k: calls.append(1) or (
+        len(calls) == 2 and os.kill(pid, signal.SIGTERM)) or real(*a, **k))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *common, out="term")
+    out = capsys.readouterr().out
+    assert e.value.code == 130 and out.count("SIGTERM: saving") == 1 and f"stopped after step {k};" in out
+    assert torch.load(tmp_path / "term" / "last.pt", weights_only=True)["position"]["step"] == k
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_resume_position_with_another_number_of_processes():
-    notes = []
-    pos = T.resume_position({"step": 3, "epoch": 1, "batch": 3, "world_size": 2}, 1, 8, notes.append)
-    assert pos == {"step": 3, "epoch": 1, "batch": 6, "world_size": 1}   # 3 x 16 pairs = 6 x 8
-    assert "2 process(es) and this run has 1" in notes[0]
-    # one process continues the epoch with exactly the pairs that the two had not reached
-    seen = {i for r in range(2) for b in list(A.ResumableSampler(100, 8, epoch=1, rank=r, world_size=2))[:3]
-            for i in b}                                                       # 3 steps x 2 ranks x 8
-    after = [i for b in A.ResumableSampler(100, 8, epoch=1, start_batch=pos["batch"]) for i in b]
-    assert len(seen) == 48 and len(after) == 48 and not seen & set(after)    # 96 = 6 global batches of 16
-    assert T.resume_position({"step": 5, "epoch": 0, "batch": 5}, 2, 8, notes.append)["batch"] == 2
-    assert T.resume_position({"step": 5, "epoch": 0, "batch": 5, "world_size": 1}, 1, 8, notes.append) == \
-        {"step": 5, "epoch": 0, "batch": 5, "world_size": 1} and len(notes) == 2
+def test_ctrl_c_saves_after_the_step_in_flight(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    real, calls = T.compute_loss, []
 
-
-def test_random_states_of_missing_devices_are_ignored_with_a_note():
-    notes, state = [], T.rng_state()
-    state["cuda"] = state.get("cuda", []) + [torch.zeros(16, dtype=torch.uint8)] * 2   # 2 devices too many
-    T.set_rng_state(state, notes.append)
-    assert len(notes) == 1 and "the other 2 are ignored" in notes[0]
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:                     # during the second step's forward
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(T, "compute_loss", loss)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "clip", "--steps", "10", "--save-every", "100")
+    out = capsys.readouterr().out
+    assert e.value.code == 130 and "SIGINT: saving after this step" in out
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 2
+    assert "stopped after step 2;" in out and len(calls) == 2   # no step started after the signal
 
 
 # ----------------------------------------------------------------------------- distributed
 # Two gloo processes, each with part of a batch, must produce the loss and the gradients of one
-# process on the whole batch: the embeddings AND the semantic embeddings are gathered. The sizes
-# given (the training loop exchanges them on the host: the gather then reads no tensor) or
-# exchanged by the gather itself; equal halves, or 4 + 2 (a rank that dropped bad samples).
+# process on the whole batch: the embeddings AND the semantic embeddings are gathered. The sizes are
+# given (the training loop exchanges them on the host, so the gather reads no tensor): equal
+# halves, or 4 + 2 (a rank that dropped bad samples).
 
-def _ddp_worker(rank, world, init_file, batch, args, result_file, split, known):
+def _ddp_worker(rank, world, init_file, batch, args, result_file, split):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -3097,20 +3278,20 @@ def _ddp_worker(rank, world, init_file, batch, args, result_file, split, known):
     model = torch.nn.parallel.DistributedDataParallel(A.CLIP(A.ModelConfig(**batch["config"])).double())
     part = slice(sum(split[:rank]), sum(split[: rank + 1]))
     loss, _ = T.compute_loss(model, batch["images"][part], batch["tokens"][part], batch["semantic"][part],
-                             args, world, sizes=split if known else None)
+                             args, sizes=split)
     loss.backward()
     x = torch.ones(split[rank], 3, requires_grad=True)
     with _HostReads() as reads:                # the gather alone, forward and backward
-        T.gather(x, world, sizes=split if known else None).sum().backward()
+        T.gather(x, split).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, world))   # every rank's loss holds every row: summed
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()},
                     "reads": reads.seen}, result_file)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model,split,known", [("alignclip", [3, 3], True), ("alignclip", [4, 2], False),
-                                               ("clip", [4, 2], True)])
-def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model, split, known):
+@pytest.mark.parametrize("model,split", [("alignclip", [3, 3]), ("alignclip", [4, 2]), ("clip", [4, 2])])
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model, split):
     import argparse
     import dataclasses
     import torch.multiprocessing as mp
@@ -3125,15 +3306,14 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model
     batch = {"config": dataclasses.asdict(config), "tokens": tokens,
              "images": torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64),
              "semantic": torch.randn(6, 10, generator=g, dtype=torch.float64)}
-    args = argparse.Namespace(model=model, no_rescale=False, alpha=1.0, beta=0.5, separate="both",
-                              loss_block_size=4)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batch, args, str(tmp_path / "r.pt"), split, known),
-             nprocs=2)
+    args = argparse.Namespace(model=model, no_rescale=False, alpha=1.0, beta=0.5 if model == "alignclip" else 0.0,
+                              separate="both", loss_block_size=4)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batch, args, str(tmp_path / "r.pt"), split), nprocs=2)
     ddp = torch.load(tmp_path / "r.pt", weights_only=True)
-    assert (ddp["reads"] == []) == known     # the size exchange reads the sizes (on a GPU: a sync)
+    assert ddp["reads"] == []                  # sizes known: the gather reads nothing back (no GPU sync)
     torch.manual_seed(0)
     single = A.CLIP(config).double()
-    loss, _ = T.compute_loss(single, batch["images"], batch["tokens"], batch["semantic"], args, 1)
+    loss, _ = T.compute_loss(single, batch["images"], batch["tokens"], batch["semantic"], args)
     loss.backward()
     torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
     for k, p in single.named_parameters():
@@ -3141,8 +3321,9 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, model
 
 
 # torchrun itself: a launcher and two gloo ranks on CPU, each rank running this wrapper around
-# train.main with the small preset, a fake sentence encoder that records who calls it, and an
-# optional slow step (so that Ctrl-C lands mid-run) or failure on rank 1.
+# train.main with the small preset, a fake sentence encoder that records who calls it, files that
+# record each rank's steps and epochs (steps<rank>, epochs<rank>), and optionally a slow step (so that
+# Ctrl-C lands mid-run), a slow save, or a failure on rank 1.
 _TORCHRUN_WRAPPER = """
 import os, sys, time
 import numpy as np
@@ -3162,29 +3343,51 @@ class Encoder:
 A.load_sentence_encoder = lambda name, device="cpu": Encoder()
 with open(os.path.join({folder!r}, "pid" + os.environ["RANK"]), "w") as f:
     f.write(str(os.getpid()))
-real_step, steps = T.train_step, [0]
+real_loss, steps = T.compute_loss, [0]
 
-def step(*args, **kw):
+def loss(*args, **kw):   # called once per step, in the loop
     steps[0] += 1
+    with open(os.path.join({folder!r}, "steps" + os.environ["RANK"]), "a") as f:
+        f.write(str(steps[0]) + "\\n")
     if os.environ["RANK"] == "1" and steps[0] == {fail_at}:
         raise RuntimeError("injected failure on rank 1")
     time.sleep({sleep})
-    return real_step(*args, **kw)
+    return real_loss(*args, **kw)
 
-T.train_step = step
+T.compute_loss = loss
+real_loader = T.make_loader
+
+def make_loader(*args, **kw):   # each epoch (or resumed epoch) started, with the steps taken before it
+    batches = real_loader(*args, **kw)
+
+    def logged(epoch, start):
+        with open(os.path.join({folder!r}, "epochs" + os.environ["RANK"]), "a") as f:
+            f.write(f"{{epoch}} {{start}} {{steps[0]}}\\n")
+        return batches(epoch, start)
+    return logged
+
+T.make_loader = make_loader
+real_write = A.atomic_write
+
+def atomic_write(path, data):   # a slow save (a large model): the other ranks are gone by then
+    if str(path).endswith("last.pt"):
+        time.sleep({save_sleep})
+    return real_write(path, data)
+
+A.atomic_write = atomic_write
 from torch.distributed.elastic.multiprocessing.errors import record   # as train.py's __main__ does
 record(T.main)(sys.argv[1:])
 """
 
 
-def _torchrun(tmp_path, argv, fail_at=0, sleep=0.0):
+def _torchrun(tmp_path, argv, fail_at=0, sleep=0.0, save_sleep=0.0):
     """Start `torchrun --nproc_per_node 2` on the wrapper in its own session (signals reach only the
     launcher, as Ctrl-C in a terminal does: torchrun starts its workers in sessions of their own)."""
     import subprocess
     script = tmp_path / "wrapper.py"
     script.write_text(_TORCHRUN_WRAPPER.format(repo=os.path.dirname(os.path.abspath(__file__)),
                                                encode_log=str(tmp_path / "encoded_by"), fail_at=fail_at,
-                                               sleep=sleep, folder=str(tmp_path)))
+                                               sleep=sleep, folder=str(tmp_path), save_sleep=save_sleep))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            *SMALL, "--threads", "1", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
            "--model", "alignclip", "--semantic-model", "fake", *argv]
@@ -3208,10 +3411,10 @@ def test_torchrun_failure_on_one_rank_ends_every_rank_and_embeddings_are_compute
     assert proc.returncode != 0
     summary = out[out.index("Root Cause"):]   # the launcher names the failing rank and its error
     assert "rank      : 1" in summary and "RuntimeError: injected failure on rank 1" in summary
-    assert "done:" not in out
+    assert "validation:" not in out and not (tmp_path / "run" / "final_metrics.json").exists()
+    assert len((tmp_path / "steps0").read_text().split()) <= 3     # rank 0 did not go on alone
     # the sentence embeddings: encoded by rank 0 alone while rank 1 waited for its files
     assert set((tmp_path / "encoded_by").read_text().split()) == {"0"}
-    assert out.count("computes the sentence embeddings") == 1
 
 
 def _until_training(proc):
@@ -3228,24 +3431,50 @@ def test_torchrun_stop_request_on_one_rank_stops_every_rank_after_the_same_step(
     # SIGINT to rank 1 alone: rank 0 learns of it in the per-step exchange; without that it would
     # go on into a collective that rank 1 never joins
     import signal
-    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05, save_sleep=1.0)
     out = _until_training(proc)
     os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
     out += _finish(proc, timeout=60)
-    assert proc.returncode == 0               # every rank ended by itself, without an error
     k = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"]
     assert out.count("stopped after step") == 1 and f"stopped after step {k};" in out and 0 < k < 400
+    steps = [(tmp_path / f"steps{r}").read_text().split() for r in (0, 1)]
+    assert steps[0] == steps[1] == [str(i) for i in range(1, k + 1)]       # both ranks stopped after step k
+    # rank 1, the one signalled, exits 130 (the launcher then ends the other and reports it)
+    assert proc.returncode != 0
+    root = out[out.index("Root Cause"):]
+    assert "rank      : 1" in root and "exitcode  : 130" in root
+
+
+def test_torchrun_with_unequal_shards_ends_every_epoch_and_the_run_at_the_same_step(tmp_path):
+    # shards of 24 and 40 pairs, one per rank (which one changes with the epoch), batches of 8: one rank
+    # runs out after 3 batches, the other has 5. Every epoch must end on both ranks at the same step
+    # (or the rank with data left would wait forever in a collective): a hang fails on the timeout.
+    for shard, n in enumerate((24, 40)):
+        _write_shard(tmp_path / f"shard-{shard}.tar",
+                     [(f"{shard}{k:04d}", {"png": _image_bytes((6 * k, 100 * shard, 90)),
+                                           "txt": f"a picture number {k} from shard {shard}".encode()})
+                      for k in range(n)])
+    proc = _torchrun(tmp_path, ["--model", "shared", "--data", str(tmp_path / "shard-{0..1}.tar"),
+                                "--train-num-samples", "64", "--batch-size", "8", "--epochs", "2"])
+    out = _finish(proc, timeout=150)
+    assert proc.returncode == 0, out[-3000:]
+    epochs = [(tmp_path / f"epochs{r}").read_text().split("\n")[:-1] for r in (0, 1)]
+    assert epochs[0] == epochs[1] == ["0 0 0", "1 0 3", "2 0 6"]   # (epoch, start batch, steps before it)
+    steps = [(tmp_path / f"steps{r}").read_text().split() for r in (0, 1)]
+    assert steps[0] == steps[1] == [str(i) for i in range(1, 9)]   # 2 epochs of 64 // 16 = 4 steps: 8
+    assert [r["epoch"] for r in records(tmp_path / "run")] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 8
 
 
 def test_torchrun_ctrl_c_saves_once_and_resumes_with_one_process(tmp_path, monkeypatch, capsys):
     import signal
-    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05)
+    proc = _torchrun(tmp_path, ["--steps", "400", "--save-every", "1000"], sleep=0.05, save_sleep=1.0)
     lines = [_until_training(proc)]
     proc.send_signal(signal.SIGINT)           # to the launcher only; it passes SIGINT to each rank
     out = "".join(lines) + _finish(proc, timeout=60)
     # every rank left by itself: the launcher kills only the ranks still alive after 30 s
     assert "Unable to shutdown process" not in out
-    assert out.count("Ctrl-C: saving a checkpoint") == 1 and out.count("stopped after step") == 1
+    assert out.count("SIGINT: saving") == 1 and out.count("stopped after step") == 1   # printed by rank 0
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     k = ckpt["position"]["step"]
     assert f"stopped after step {k};" in out and ckpt["position"]["world_size"] == 2
@@ -3257,64 +3486,83 @@ def test_torchrun_ctrl_c_saves_once_and_resumes_with_one_process(tmp_path, monke
     capsys.readouterr()
     T.main(SMALL + ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--model",
                     "alignclip", "--semantic-model", "fake", "--steps", str(k + 2), "--resume"])
-    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().out
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
     final = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]
     assert final["step"] == k + 2 and final["world_size"] == 1
 
 
-def test_compare_runs_every_model_and_seed_and_summarises(tmp_path, monkeypatch):
+# ----------------------------------------------------------------------------- one protocol: train.py = eval.py
+def test_train_then_eval_print_the_numbers_of_the_final_validation(tmp_path, monkeypatch, capsys):
     small_preset(monkeypatch)
-    summary = T.main(SMALL + ["--compare", "--seeds", "0,1", "--steps", "2", "--no-rescale",
-                              "--out", str(tmp_path / "cmp"), "--cache-dir", str(tmp_path / "cache")])
-    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
-    assert set(saved["runs"]) == {"clip", "shared", "alignclip"} and saved["seeds"] == [0, 1]
-    for name, runs in saved["runs"].items():
-        assert len(runs) == 2
-        values = [r["alignment"] for r in runs]
-        mean, std = saved["mean_std"][name]["alignment"]
-        # sample standard deviation (n - 1): for two values |a - b| / sqrt(2)
-        assert abs(mean - sum(values) / 2) < 1e-9 and abs(std - abs(values[0] - values[1]) / 2 ** 0.5) < 1e-9
-        assert (tmp_path / "cmp" / f"{name}-s1" / "last.pt").exists()
-    assert summary["clip"]["alignment"][0] == saved["mean_std"]["clip"]["alignment"][0]
+    _fake_sentence_encoder(monkeypatch)
+    out = run(tmp_path, "--model", "alignclip", "--semantic-model", "fake", "--steps", "4", out="run")
+    final = json.load(open(out / "final_metrics.json"))
+    validation = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("validation: "))
+    assert validation == "validation: " + A.format_metrics(final)
+    model, tok = A.load_model(str(out / "last.pt"), with_tokenizer=True)
+    val = A.SyntheticScenes("val", size=12, image_size=model.config.image_size, seed=0)
+    assert A.evaluate(model, tok, val) == final                 # exactly: one function, the same weights
+    common = ["--checkpoint", str(out / "last.pt"), "--label", "run", "--synthetic-size", "12", "--device", "cpu",
+              "--workers", "0", "--out", str(tmp_path / "eval")]
+    aligned = E.main(["alignment", *common])["Synthetic"]["run"]
+    printed = capsys.readouterr().out
+    assert f"{final['alignment']:.3f}" in printed and f"{final['gap']:.3f}" in printed
+    zeroshot = E.main(["zeroshot", *common])
+    printed = capsys.readouterr().out
+    assert f"{final['zeroshot_shape_top1']:.1f}" in printed and f"{final['zeroshot_color_top1']:.1f}" in printed
+    retrieved = E.main(["retrieval", *common])["Synthetic"]["run"]
+    printed = capsys.readouterr().out
+    assert f"{final['i2t_R@1']:.1f}" in printed and f"{final['t2i_R@1']:.1f}" in printed
+    got = {"alignment": aligned["alignment"], "gap": aligned["gap"], "angle_deg": aligned["angle_deg"],
+           "pairs": aligned["pairs"], **{k: retrieved[k] for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")},
+           **{f"zeroshot_{label}_top{k}": zeroshot[f"Synthetic {label}"]["run"][f"top{k}"]
+              for label in ("shape", "color") for k in (1, 5)}}
+    for k, v in got.items():
+        assert v == pytest.approx(final[k], abs=1e-6), k
 
 
-def test_compare_again_resumes_the_interrupted_run_and_reuses_finished_ones(tmp_path, monkeypatch, capsys):
+# ----------------------------------------------------------------------------- fine-tuning: --init-from
+def test_init_from_an_openclip_file_fine_tunes_with_imsep(tmp_path, monkeypatch):
     small_preset(monkeypatch)
-    common = SMALL + ["--seeds", "0", "--steps", "3", "--cache-dir", str(tmp_path / "cache")]
-    T.main(common + ["--compare", "--out", str(tmp_path / "straight")])
-    with pytest.raises(SystemExit, match="run the same command again"):  # the first run stops after a step
-        T.main(common + ["--compare", "--out", str(tmp_path / "cut"), "--stop-after", "1"])
-    assert not (tmp_path / "cut" / "shared-s0").exists()
-    T.main(common + ["--compare", "--out", str(tmp_path / "cut")])
-    straight = json.load(open(tmp_path / "straight" / "compare.json"))["runs"]
-    assert json.load(open(tmp_path / "cut" / "compare.json"))["runs"] == straight
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cut").glob("*/last.pt")}
-    assert len(stamps) == 3
-    capsys.readouterr()
-    T.main(common + ["--compare", "--out", str(tmp_path / "cut")])
-    assert capsys.readouterr().out.count("reusing its final metrics") == 3
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert json.load(open(tmp_path / "cut" / "compare.json"))["runs"] == straight
-    with pytest.raises(SystemExit, match=r"other options \(--beta 0.5 there, 0.25 now\)"):  # never overwrites a different run
-        T.main(common + ["--compare", "--out", str(tmp_path / "cut"), "--beta", "0.25"])
-
-
-def test_flop_estimate_matches_the_vit_b16_figures():
-    # the issue's figures: 35 GFLOP per image and 13 per text forward for the shared ViT-B/16
-    c = A.ModelConfig.preset("ViT-B-16")
-    total = T.forward_flops_per_pair(c)
-    n = (224 // 16) ** 2 + 1
-    image = 12 * (2 * n * 768 ** 2 * 12 + 4 * n ** 2 * 768) + 2 * 196 * 3 * 256 * 768
-    assert abs(image / 1e9 - 35.2) < 0.1 and 47.5e9 < total < 49.5e9
-    two_towers = T.forward_flops_per_pair(A.ModelConfig.preset("ViT-B-16", shared=False))
-    assert two_towers < total   # the text tower is narrower (512)
-    # the text at the batch's trimmed length (20 tokens here), not the full context of 77
-    text_20 = 12 * (2 * 20 * 768 ** 2 * 12 + 4 * 20 ** 2 * 768)
-    assert T.forward_flops_per_pair(c, 20) == pytest.approx(image + text_20 + 2 * 1536 * 768, rel=1e-12)
-    work = {"pairs": 0, "flops": 0}
-    T.count_work(work, c, {"image": torch.zeros(4, 3, 1, 1), "tokens": torch.zeros(4, 20)}, None)
-    T.count_work(work, c, {"image": torch.zeros(4, 3, 1, 1), "tokens": torch.zeros(4, 20)}, [4, 3])
-    assert work["pairs"] == 11 and work["flops"] == pytest.approx(3 * 11 * (image + text_20 + 2 * 1536 * 768))
+    _fake_sentence_encoder(monkeypatch)
+    scenes = A.SyntheticScenes("train", size=48, image_size=32)
+    tok = A.Tokenizer.train(scenes.caption_list(), 600)
+    merges = str(tok.save(tmp_path / "merges.txt"))
+    torch.manual_seed(3)
+    cfg = A.ModelConfig.preset("tiny", shared=False, vocab_size=tok.vocab_size, eot_id=tok.eot_id)
+    sd = A._openclip_names(A.CLIP(cfg).state_dict())                 # OpenCLIP's key names, a bare state dict
+    assert {"visual.proj", "text_projection", "ln_final.weight", "transformer.resblocks.0.ln_1.weight"} <= set(sd)
+    torch.save(sd, tmp_path / "openclip.pt")
+    fine = ["--init-from", str(tmp_path / "openclip.pt"), "--model", "clip", "--beta", "0.5", "--tokenizer", merges,
+            "--semantic-model", "fake", "--steps", "3", "--lr", "1e-3", "--warmup", "1", "--save-every", "100"]
+    out = run(tmp_path, *fine, out="ft")
+    recs = records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in recs)
+    assert all("loss_imsep" in r and "loss_cross_modal_sum" in r for r in recs)   # IMSep added to CLIP
+    before = A.load_model(str(tmp_path / "openclip.pt"))
+    after, after_tok = A.load_model(str(out / "last.pt"), with_tokenizer=True)   # the checkpoint reloads
+    assert after.config == before.config and not after.config.shared and after_tok.merges == tok.merges
+    a, b = before.state_dict(), after.state_dict()
+    assert set(a) == set(b)
+    assert not torch.equal(a["projection"], b["projection"]) and not torch.equal(a["text_projection"], b["text_projection"])
+    torch.manual_seed(4)
+    fresh = A.CLIP(cfg).state_dict()                                  # started from the file, not a new init
+    assert max((a[k] - b[k]).abs().max() for k in a) < 0.1 < max((a[k] - fresh[k]).abs().max() for k in a)
+    # interrupted and resumed, the fine-tuning ends where the straight one does
+    run(tmp_path, *fine, "--stop-after", "2", out="cut")
+    run(tmp_path, *fine, "--resume", out="cut")
+    straight, resumed = _weights(out / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # a two-tower file with --model alignclip (one shared transformer): one line, before training
+    for model in ("alignclip", "shared"):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, *fine, "--model", model, out="wrong")
+        assert e.value.code == 2 and "\n" not in str(e.value)
+        assert "openclip.pt holds two towers (CLIP): use --model clip" in str(e.value)
+    assert not (tmp_path / "wrong" / "last.pt").exists()
+    with pytest.raises(SystemExit, match="carries no tokenizer: pass --tokenizer") as e:
+        run(tmp_path, *[a for a in fine if a != merges and a != "--tokenizer"], out="notok")
+    assert e.value.code == 2
 
 
 # ----------------------------------------------------------------------------- temperature options
@@ -3346,20 +3594,36 @@ def test_init_and_fixed_logit_scale_reach_the_model_and_survive_resume(tmp_path,
     assert abs(float(_tau(learned / "last.pt")) - math.log(50.0)) > 1e-3  # and moved
 
 
-def test_a_learnable_scale_started_at_the_cap_can_move():
-    # float32 log(100) has exp 100.0000076: with tau there the cap in forward would pass no gradient
+def test_a_learnable_scale_started_at_the_cap_can_move(tmp_path, monkeypatch):
+    # s = 100 from the start: forward passes the gradient (no clamp there), so tau can come down;
+    # a step up is clamped back to ln 100 by the optimizer's hook, never beyond
+    cap = torch.tensor(math.log(100.0)).item()           # ln 100 in float32, the parameter's dtype
     model = A.CLIP(tiny_config(init_logit_scale=math.log(100.0)))
-    cap = A.largest_tau(100.0)
-    assert model.logit_scale.item() == cap and torch.tensor(cap).exp() <= 100.0 < torch.tensor(math.log(100.0)).exp()
+    assert model.logit_scale.item() == cap
     loss = A.clip_loss(*model(torch.randn(4, 3, 32, 32), tokens_with_eot(4, 16, 299)))
     loss.backward()
     assert model.logit_scale.grad.abs() > 0
     opt = T.make_optimizer(model, T.parse_args(["--lr", "0.1"]), torch.device("cpu"))
-    for direction in (-1.0, 1.0):                        # a step up is clamped back; a step down moves
+    for direction in (-1.0, 1.0, 1.0):                   # gradient -1: tau goes up, is clamped; +1: down
         opt.zero_grad()
         model.logit_scale.grad = torch.tensor(direction)
         opt.step()
         assert (model.logit_scale.item() == cap) if direction < 0 else (model.logit_scale.item() < cap)
+    # a training run started at s = 100 with a large learning rate: s moves, tau never passes ln 100
+    small_preset(monkeypatch)
+    taus = []
+    real = T.make_optimizer
+
+    def make_optimizer(model, args, device):
+        optimizer = real(model, args, device)
+        optimizer.register_step_post_hook(lambda *_: taus.append(model.logit_scale.item()))  # after the clamp
+        return optimizer
+    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    out = run(tmp_path, "--model", "shared", "--init-logit-scale", "100", "--lr", "0.05", "--warmup", "1",
+              "--steps", "6", out="s100")
+    assert len(taus) == 6 and max(taus) <= cap and records(out)[0]["logit_scale"] <= 100.0 * (1 + 1e-6)
+    assert min(taus) < cap - 1e-3                         # it moved down from the cap
+    assert abs(records(out)[-1]["logit_scale"] - 100.0) > 0.05
 
 
 def test_default_logit_scale_is_clip_s(tmp_path):
@@ -3379,26 +3643,12 @@ def test_bad_temperature_and_eval_options_are_usage_errors(bad, capsys):
     T.parse_args(["--eval-every", "5", "--data", "a.csv", "--val-data", "v.csv"])  # this one is fine
 
 
-def test_compare_treats_the_temperature_as_result_defining(tmp_path):
-    out = str(tmp_path / "run")
-    os.makedirs(out)
-    earlier = vars(T.parse_args(["--out", out]))
-    for key in ("init_logit_scale", "fixed_logit_scale", "eval_subset"):
-        del earlier[key]  # a run made before these options existed: they were at their defaults
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"args": earlier}, f)
-    (tmp_path / "run" / "final_metrics.json").write_text("{}")
-    assert T.earlier_run(T.parse_args(["--out", out])) == "done"
-    for changed in (["--init-logit-scale", "100"], ["--fixed-logit-scale"]):
-        with pytest.raises(ValueError, match="other options"):
-            T.earlier_run(T.parse_args(["--out", out] + changed))
-
-
 # ----------------------------------------------------------------------------- validation during training
 def test_eval_every_logs_alignment_and_gap_on_a_subset_and_leaves_training_unchanged(tmp_path, monkeypatch):
     small_preset(monkeypatch)
-    sizes, real = [], T.validate
-    monkeypatch.setattr(T, "validate", lambda model, tok, val, *a: sizes.append(len(val)) or real(model, tok, val, *a))
+    sizes, real = [], A.evaluate
+    monkeypatch.setattr(A, "evaluate", lambda model, tok, val, *a, **k:
+                        sizes.append(min(len(val), k.get("limit") or len(val))) or real(model, tok, val, *a, **k))
     plain = run(tmp_path, "--model", "shared", "--steps", "5", out="plain")
     sizes.clear()
     out = run(tmp_path, "--model", "shared", "--steps", "5", "--eval-every", "2", "--eval-subset", "7", out="evals")
@@ -3408,30 +3658,8 @@ def test_eval_every_logs_alignment_and_gap_on_a_subset_and_leaves_training_uncha
     assert sizes == [7, 7, 7, 12]                                     # three subsets, then the whole set
     a, b = torch.load(plain / "last.pt", weights_only=True), torch.load(out / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # training unchanged
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])          # validation's RNG draws are forked off
     assert [r["loss"] for r in records(plain)] == [r["loss"] for r in records(out)]
-
-
-def test_first_pairs_keeps_the_labels_of_the_validation_set():
-    val = A.SyntheticScenes("val", size=10, image_size=32)
-    sub = T.FirstPairs(val, 4)
-    assert len(sub) == 4 and sub.labels(3) == val.labels(3) and sub.label_names == val.label_names
-    assert len(T.FirstPairs(val, 0)) == 10 and len(T.FirstPairs(val, 99)) == 10
-    with pytest.raises(IndexError):
-        sub[4]
-    assert len(pickle.loads(pickle.dumps(sub))) == 4
-
-
-def test_validation_during_training_leaves_the_random_state_alone():
-    tok = A.Tokenizer([])
-    model = A.CLIP(tiny_config(vocab_size=tok.vocab_size, eot_id=tok.eot_id))
-    val, args, cpu = A.SyntheticScenes("val", size=6, image_size=32), T.parse_args(["--eval-subset", "4"]), torch.device("cpu")
-    before = torch.get_rng_state()
-    T.validate(model, tok, T.FirstPairs(val, 4), args, cpu)
-    assert not torch.equal(before, torch.get_rng_state())             # validation draws from the RNG ...
-    before = torch.get_rng_state()
-    res = T.validate_during_training(model, tok, val, args, cpu, world=1)
-    assert torch.equal(before, torch.get_rng_state())                 # ... so training's is forked
-    assert res == T.validate(model, tok, T.FirstPairs(val, 4), args, cpu)
 
 
 _TORCHRUN_SCRIPT = '''
@@ -3446,13 +3674,13 @@ def preset(name, **kw):  # the tests' shrunken tiny preset
                        text_heads=1, image_size=32, patch_size=8), **kw)
     return original(name, **kw)
 A.ModelConfig.preset = staticmethod(preset)
-real = T.validate_during_training
-def spy(raw, tokenizer, val_src, args, device, world):
-    res = real(raw, tokenizer, val_src, args, device, world)
-    with open(os.path.join(args.out, "val-rank" + os.environ["RANK"] + ".jsonl"), "a") as f:
-        f.write(json.dumps(res) + "\\n")
+real = A.evaluate
+def spy(model, tokenizer, dataset, *a, **k):   # every validation, on every rank
+    res = real(model, tokenizer, dataset, *a, **k)
+    with open(os.path.join({out!r}, "val-rank" + os.environ["RANK"] + ".jsonl"), "a") as f:
+        f.write(json.dumps(dict(res, n=min(len(dataset), k.get("limit") or len(dataset)))) + "\\n")
     return res
-T.validate_during_training = spy
+A.evaluate = spy
 T.main(sys.argv[1:])
 '''
 
@@ -3460,49 +3688,20 @@ T.main(sys.argv[1:])
 def test_eval_every_under_torchrun_with_two_gloo_processes(tmp_path):
     import subprocess
     script = tmp_path / "small_train.py"
-    script.write_text(_TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "run"
+    script.write_text(_TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(__file__)), out=str(out)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            *SMALL, "--threads", "1", "--batch-size", "4", "--model", "shared", "--steps", "4", "--eval-every", "2",
            "--eval-subset", "8", "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     per_rank = [[json.loads(l) for l in open(out / f"val-rank{r}.jsonl")] for r in (0, 1)]
-    assert len(per_rank[0]) == 3 and per_rank[0] == per_rank[1]       # every rank took part: same numbers
+    assert [v.pop("n") for v in per_rank[0]] == [8, 8, 8, 12]          # three subsets, then rank 0's final one
+    assert [v.pop("n") for v in per_rank[1]] == [8, 8, 8]
+    assert per_rank[0][:3] == per_rank[1]                              # every rank took part: same numbers
     logged = [json.loads(l) for l in open(out / "log.jsonl") if '"val"' in l]
-    assert [v["step"] for v in logged] == [0, 2, 4] and [v["val"] for v in logged] == per_rank[0]  # rank 0 wrote
-
-
-# ----------------------------------------------------------------------------- time estimate
-def test_time_estimate_from_the_first_steps():
-    est = T.TimeEstimate(t0=0.0, start_step=0, total=100, eval_every=10)
-    est.eval_took(3.0)                                                # step 0's validation, before the steps
-    assert est.after_step(1, 13.0) is None                            # the first step: start-up, not timed
-    assert [est.after_step(s, 13.0 + s - 1) for s in range(2, 6)] == [None] * 4
-    line = est.after_step(6, 18.0)                                    # 5 steps of 1 s after the first
-    # 18 s so far + 94 steps x 1 s + 10 validations x 3 s = 142 s
-    assert line.startswith("estimated time: 2.4 min for steps 1-100") and "1.00 s per step" in line
-    assert est.after_step(7, 19.0) is None                            # printed once
-    slow = T.TimeEstimate(t0=0.0, start_step=40, total=50)            # resumed at step 40, 30 s steps
-    assert slow.after_step(41, 31.0) is None
-    est_line = slow.after_step(42, 61.0)                              # 20 s reached before 5 steps
-    assert est_line.startswith("estimated time: 5.0 min for steps 41-50")  # 61 + 8 x 30 = 301 s
-
-
-def test_time_estimate_leaves_validation_out_of_the_step_time():
-    est = T.TimeEstimate(t0=0.0, start_step=0, total=20, eval_every=3)
-    for step, now in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]:
-        assert est.after_step(step, now) is None
-        if step == 3:
-            est.eval_took(10.0)                                       # a 10 s validation after step 3
-    assert "1.00 s per step" in est.after_step(6, 16.0)               # (16 - 1 - 10) s over 5 steps
-
-
-def test_training_prints_the_time_estimate(tmp_path, monkeypatch, capsys):
-    small_preset(monkeypatch)
-    run(tmp_path, "--model", "shared", "--steps", "8", out="eta")
-    line = next(l for l in capsys.readouterr().out.splitlines() if "estimated time:" in l)
-    assert float(line.split("estimated time: ")[1].split(" min")[0]) >= 0 and "steps 1-8" in line
+    assert [v["step"] for v in logged] == [0, 2, 4] and [v["val"] for v in logged] == per_rank[0][:3]  # rank 0 wrote
+    assert json.load(open(out / "final_metrics.json")) == per_rank[0][3]
 
 
 # ----------------------------------------------------------------------------- eval.py curves
@@ -3519,14 +3718,14 @@ def test_eval_curves_draws_alignment_and_gap_for_several_runs(tmp_path, capsys):
     runs = [_fake_run(tmp_path / "cmp" / "clip-s0", [0.5, 0.6, 0.65], [0.6, 0.7, 0.8]),
             _fake_run(tmp_path / "cmp" / "clip-s1", [0.5, 0.62, 0.67], [0.6, 0.72, 0.82]),
             _fake_run(tmp_path / "cmp" / "alignclip-s0", [0.5, 0.8, 0.9], [0.6, 0.3, 0.2])]
-    path = E.main(["curves", *runs, "--out", str(tmp_path / "assets")])
-    assert path == str(tmp_path / "assets" / "gap_over_training.png") and _is_png(path)
+    res = E.main(["curves", *runs, "--out", str(tmp_path / "assets")])
+    assert res["figure"] == str(tmp_path / "assets" / "gap_over_training.png") and _is_png(res["figure"])
     printed = capsys.readouterr().out
     clip_row = next(l for l in printed.splitlines() if l.startswith("clip "))
-    assert clip_row.split()[1:] == ["100", "0.660", "0.810"]           # the two seeds of clip, averaged
-    groups = E.curve_groups(runs, ["a", "b", "c"])
-    assert list(groups) == ["a", "b", "c"] and groups["c"][0][-1] == (100, {"alignment": 0.9, "gap": 0.2,
-                                                                           "i2t_R@1": 10.0})
+    assert clip_row.split()[1:] == ["0.660", "0.810"]                  # the two seeds of clip, averaged at 100
+    assert res["last"]["clip"] == pytest.approx({"alignment": 0.66, "gap": 0.81})
+    labelled = E.main(["curves", *runs, "--label", "a", "--label", "b", "--label", "c", "--out", str(tmp_path / "o")])
+    assert list(labelled["last"]) == ["a", "b", "c"] and labelled["last"]["c"] == {"alignment": 0.9, "gap": 0.2}
 
 
 def test_eval_curves_says_what_is_missing(tmp_path, capsys):
@@ -3535,10 +3734,11 @@ def test_eval_curves_says_what_is_missing(tmp_path, capsys):
             ([bare, bare, "--label", "x"], "1 --label for 2"):
         with pytest.raises(SystemExit) as e:
             E.main(["curves", *argv, "--out", str(tmp_path / "o")])
-        assert e.value.code == 2 and why in capsys.readouterr().err
+        assert e.value.code and why in str(e.value) and "\n" not in str(e.value)   # one line, not a traceback
 
 
 def _finished_run(folder, beta, alignment, shape, model="alignclip"):
+    """A run folder as train.py leaves it: config.json (its options, beta resolved) and final_metrics.json."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"args": {"beta": beta, "model": model}}))
     metrics = {"alignment": alignment, "gap": 1 - alignment, "zeroshot_shape_top1": shape, "i2t_R@1": shape / 2,
@@ -3549,25 +3749,15 @@ def _finished_run(folder, beta, alignment, shape, model="alignclip"):
 
 def test_eval_tradeoff_plots_a_sweep_in_the_order_of_the_option(tmp_path, capsys):
     runs = [_finished_run(tmp_path / f"b{b}", b, a, sh) for b, a, sh in ((1.0, 0.9, 30.0), (0.25, 0.8, 40.0))]
-    runs.insert(1, _finished_run(tmp_path / "b0.0", 0.5, 0.6, 50.0, model="shared"))   # no IMSep: beta 0
-    path = E.main(["tradeoff", *runs, "--out", str(tmp_path / "assets")])
-    assert path == str(tmp_path / "assets" / "beta_tradeoff.png") and _is_png(path)
+    runs.insert(1, _finished_run(tmp_path / "b0.0", 0.0, 0.6, 50.0, model="shared"))   # no IMSep: beta 0
+    res = E.main(["tradeoff", *runs, "--out", str(tmp_path / "assets")])
+    assert res["figure"] == str(tmp_path / "assets" / "beta_tradeoff.png") and _is_png(res["figure"])
     rows = [l.split() for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
     assert [(r[0], r[1], r[2], r[4]) for r in rows] == [("0", "b0.0", "0.600", "50.000"),
                                                         ("0.25", "b0.25", "0.800", "40.000"),
                                                         ("1", "b1.0", "0.900", "30.000")]
-    for argv, why in ([str(tmp_path / "nowhere")], "no config.json"), (runs[:1] + ["--key", "gamma"], "'gamma'"):
+    for argv, why in ([str(tmp_path / "nowhere")], "nowhere: not a finished train.py run folder"), \
+            (runs[:1] + ["--key", "gamma"], "no option 'gamma'"):
         with pytest.raises(SystemExit) as e:
             E.main(["tradeoff", *argv, "--out", str(tmp_path / "o")])
-        assert e.value.code == 2 and why in capsys.readouterr().err
-
-def test_the_scripts_functions_stay_short():
-    # the training loop fits one screen (run_loop), and no function of train.py or eval.py grows past
-    # ~50 lines or 8 parameters: run state travels in train.Run, not in argument lists or tuples
-    import ast
-    for script in ("train.py", "eval.py"):
-        tree = ast.parse(Path(__file__).with_name(script).read_text())
-        for f in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
-            a = f.args
-            params = len(a.posonlyargs + a.args + a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
-            assert f.end_lineno - f.lineno + 1 <= 55 and params <= 8, (script, f.name)
+        assert e.value.code and why in str(e.value) and "\n" not in str(e.value)
