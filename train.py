@@ -62,7 +62,8 @@ def parse_args(argv=None):
                    help="weight of IMSep (Eq. 13); default 0.5 with --model alignclip, else 0 (CLIP's loss); "
                         "> 0 with clip or shared adds IMSep to that architecture")
     g.add_argument("--init-logit-scale", type=float, default=1 / 0.07, metavar="S",
-                   help="the logit scale s = 1/temperature at the start (CLIP: 1/0.07 = 14.3; at most 100)")
+                   help="s = 1/temperature at the start (CLIP: 1/0.07 = 14.3; at most 100; --init-from: "
+                        "the file's)")
     g.add_argument("--fixed-logit-scale", action="store_true", help="keep s at its start value")
     g.add_argument("--loss-block-size", type=int, default=1024, help="row strip of the fused loss kernel")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
