@@ -257,7 +257,6 @@ class Tokenizer:
         return cls(learn_merges(texts, vocab_size, verbose))
 
 
-
 # -----------------------------------------------------------------------------
 # Model: CLIP (two towers) and SharedCLIP / AlignCLIP (one transformer)
 #
@@ -518,7 +517,6 @@ class CLIP(nn.Module):
         return self.encode_image(images), texts, scale
 
 
-
 def trim_text_padding(tokens, eot_id):
     """(B, T) token ids -> (B, T'): the columns after the batch's last end-of-text token dropped.
     Exact: encode_text reads each row at its end token, and under causal attention no position reads
@@ -538,7 +536,6 @@ def tokenize(tokenizer, texts, context_length):
     tokens = tokenizer(texts, context_length=context_length)               # (B, T)
     eot_id = getattr(tokenizer, "eot_id", None)
     return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
-
 
 
 # ---- the model's input: CLIP's image preprocessing ----
@@ -879,7 +876,6 @@ def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5
                   for E in sides)
         total = alpha * cross + beta * sep
     return (total, {"cross_modal_sum": cross, "imsep": sep}) if return_parts else total
-
 
 
 # -----------------------------------------------------------------------------
