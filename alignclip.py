@@ -886,8 +886,7 @@ def alignclip_loss(image_emb, text_emb, semantic_emb, scale, alpha=1.0, beta=0.5
 
 
 def alignment_score(image_emb, text_emb):
-    """Eq. 5: the mean over pairs of cos(e_v^i, e_t^i), in [-1, 1] (inputs normalised here too).
-    The mean angle in degrees is math.degrees(math.acos(score))."""
+    """Eq. 5: the mean over pairs of cos(e_v^i, e_t^i), in [-1, 1] (inputs normalised here too)."""
     ct = _compute_dtype(image_emb)
     Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
     return (Ev * Et).sum(-1).mean()
@@ -899,6 +898,13 @@ def modality_gap(image_emb, text_emb):
     ct = _compute_dtype(image_emb)
     Ev, Et = F.normalize(image_emb.to(ct), dim=-1), F.normalize(text_emb.to(ct), dim=-1)
     return (Ev.mean(0) - Et.mean(0)).norm()
+
+
+def pair_metrics(image_emb, text_emb) -> dict:
+    """Table 1's numbers for paired rows: the alignment score, its mean angle in degrees, the gap."""
+    score = alignment_score(image_emb, text_emb).item()
+    return {"alignment": score, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, score)))),
+            "gap": modality_gap(image_emb, text_emb).item(), "pairs": len(text_emb)}
 
 
 def _ranked(scores, k):
@@ -1020,10 +1026,7 @@ def evaluate(model, tokenizer, dataset, device="cpu", batch_size=256, workers=0,
     owner = torch.tensor([k for k, caps in enumerate(captions) for _ in caps])         # (pairs,)
     texts = [c for caps in captions for c in caps]
     Et = embed_texts(model, tokenizer, texts, device, batch_size)                     # (pairs, d)
-    score = alignment_score(Ev[owner], Et).item()
-    out = {"alignment": score, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, score)))),
-           "gap": modality_gap(Ev[owner], Et).item(), "pairs": len(texts), "images": len(kept),
-           "skipped": n - len(kept)}
+    out = dict(pair_metrics(Ev[owner], Et), images=len(kept), skipped=n - len(kept))
     prompted = Et if prompt is None else embed_texts(model, tokenizer, [prompt.format(c) for c in texts],
                                                      device, batch_size)
     out.update(retrieval_recall(Ev, prompted, owner))

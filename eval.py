@@ -502,9 +502,7 @@ def task_alignment(cks, sets, args):
                 prompts = [args.alignment_prompt.format(c) for c in s.classnames]
                 img = e["image"]
                 txt = A.embed_texts(ck.model, ck.tokenizer, prompts, args.device, args.batch_size)[e["y"]]
-                score = A.alignment_score(img, txt).item()
-                m = {"alignment": score, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, score)))),
-                     "gap": A.modality_gap(img, txt).item(), "pairs": len(img)}
+                m = A.pair_metrics(img, txt)
             results[s.name][ck.label] = {k: m[k] for k in ("alignment", "angle_deg", "gap", "pairs")}
             cosines[s.name][ck.label] = F.cosine_similarity(img, txt, dim=-1).sort().values   # (pairs,)
     model_table("Table 1: alignment score (mean angle in degrees, modality gap)", results,

@@ -335,11 +335,8 @@ def captions_and_cache(args, source, rank, device):
     over their text members; then their sentence embeddings (IMSep with rescaling)."""
     leader = int(os.environ.get("LOCAL_RANK", rank)) == 0
     need_cache = args.beta > 0 and not args.no_rescale
-    try:
-        if need_cache or isinstance(source, str):
-            A.writable_folder(args.cache_dir)  # a one-line error now, not after an hour of encoding
-    except PermissionError as e:
-        raise ValueError(str(e)) from None
+    if need_cache or isinstance(source, str):
+        A.writable_folder(args.cache_dir)  # a one-line error now, not after an hour of encoding
     if not isinstance(source, str):
         captions = source.caption_list()
     else:
@@ -392,9 +389,9 @@ def setup(args):
     path = os.path.join(args.out, "last.pt")
     resume_path = path if args.resume == "auto" else args.resume
     ckpt = read_resume(resume_path, args, world) if resume_path else None
+    init = load_init(args) if args.init_from else None
     image_size = (A.ModelConfig.from_dict(ckpt["config"]).image_size if ckpt else
-                  A.load_model(args.init_from, args.activation).config.image_size if args.init_from else
-                  A.ModelConfig.preset(args.preset).image_size)
+                  init[0].config.image_size if init else A.ModelConfig.preset(args.preset).image_size)
     train_src, val_src = build_sources(args, image_size)
     pairs = args.train_num_samples if isinstance(train_src, str) else len(train_src)
     per_epoch = pairs // (args.batch_size * world)
@@ -409,7 +406,7 @@ def setup(args):
     else:
         tokenizer = None if args.init_from else A.Tokenizer.train(captions, args.vocab_size,
                                                                   verbose=rank == 0)
-    raw, tokenizer = initial_model(args, tokenizer, device)
+    raw, tokenizer = initial_model(args, init, tokenizer, device)
     optimizer = make_optimizer(raw, args, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     pos = {"step": 0, "epoch": 0, "batch": 0}
@@ -622,20 +619,26 @@ def read_resume(path, args, world):
     return ckpt
 
 
-def initial_model(args, tokenizer, device):
-    """A new model from --preset, or the weights of --init-from (its tokenizer if it carries one)."""
-    torch.manual_seed(args.seed)
-    if args.init_from is None:
-        config = A.ModelConfig.preset(args.preset, shared=args.model != "clip", activation=args.activation,
-                                      vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-                                      init_logit_scale=math.log(args.init_logit_scale),
-                                      fixed_logit_scale=args.fixed_logit_scale)
-        return A.CLIP(config).to(device), tokenizer
+def load_init(args):
+    """(model, its tokenizer or None) of --init-from, read once and checked before any expensive work."""
     model, own = A.load_model(args.init_from, activation=args.activation, with_tokenizer=True)
     if model.config.shared != (args.model != "clip"):
         kind = "one shared transformer" if model.config.shared else "two towers (CLIP)"
         raise ValueError(f"--init-from {args.init_from} holds {kind}: use --model "
                          + ("shared or alignclip" if model.config.shared else "clip"))
+    return model, own
+
+
+def initial_model(args, init, tokenizer, device):
+    """A new model from --preset, or the --init-from model `init` (its tokenizer if it carries one)."""
+    torch.manual_seed(args.seed)
+    if init is None:
+        config = A.ModelConfig.preset(args.preset, shared=args.model != "clip", activation=args.activation,
+                                      vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                                      init_logit_scale=math.log(args.init_logit_scale),
+                                      fixed_logit_scale=args.fixed_logit_scale)
+        return A.CLIP(config).to(device), tokenizer
+    model, own = init
     tokenizer = own or tokenizer
     if tokenizer is None:
         raise ValueError(f"--init-from {args.init_from} carries no tokenizer: pass --tokenizer "
