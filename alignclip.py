@@ -1709,26 +1709,21 @@ class ResumableSampler(Sampler):
     [g*B*world, (g+1)*B*world) of a randperm seeded by (seed, epoch), rank r taking the r-th B: 2 ranks
     x 64 see what 1 process x 128 sees, and start_batch=k resumes exactly. len(): batches remaining."""
 
-    def __init__(self, n, batch_size, seed=0, epoch=0, start_batch=0, rank=0, world_size=1,
-                 drop_last=True, shuffle=True):
+    def __init__(self, n, batch_size, seed=0, epoch=0, start_batch=0, rank=0, world_size=1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if not drop_last and world_size > 1:
-            raise ValueError("drop_last=False would give ranks unequal batches; use it with world_size=1")
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
-        self.drop_last, self.shuffle = drop_last, shuffle
 
-    def num_batches(self):  # in a whole epoch
-        per_step = self.batch_size * self.world_size
-        return self.n // per_step if self.drop_last else -(-self.n // per_step)
+    def num_batches(self):  # in a whole epoch; a last, short batch is dropped
+        return self.n // (self.batch_size * self.world_size)
 
     def __len__(self):
         return max(0, self.num_batches() - self.start_batch)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(derive_seed("order", self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
+        order = torch.randperm(self.n, generator=gen)
         per_step = self.batch_size * self.world_size
         for b in range(self.start_batch, self.num_batches()):
             lo = b * per_step + self.rank * self.batch_size
@@ -1965,8 +1960,6 @@ def bench(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--block-size", type=int, default=1024, help="rows per strip of the fused loss")
     p.add_argument("--dim", type=int, default=768, help="embedding width d = d_s")
-    p.add_argument("--skip-reference-above", type=int, default=16384,
-                   help="do not run the reference above this b (its b x b matrices)")
     args = p.parse_args(argv)
     if args.precision == "fp16" and torch.device(args.device).type == "cpu":
         p.error("--precision fp16 needs --device cuda: autocast on CPU supports bf16 only")
@@ -1978,7 +1971,7 @@ def bench(argv=None):
           f"{'reference MB':>12} | {'fused MB':>9} | {'memory f/r':>10}", flush=True)
     fmt = lambda x, scale, digits: "-" if x is None else f"{x * scale:.{digits}f}"  # noqa: E731
     for b in args.sizes:
-        r = _run_case("reference", b, args, args.device) if b <= args.skip_reference_above else None
+        r = _run_case("reference", b, args, args.device)
         f = _run_case("fused", b, args, args.device)
         ratio = lambda i: None if r is None or f is None or r[i] <= 0 else f[i] / r[i]  # noqa: E731
         print(f"{b:>7} | {fmt(r and r[0], 1e3, 1):>12} | {fmt(f and f[0], 1e3, 1):>10} | "
