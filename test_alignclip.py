@@ -3624,6 +3624,29 @@ def test_a_learnable_scale_started_at_the_cap_can_move(tmp_path, monkeypatch):
     assert abs(records(out)[-1]["logit_scale"] - 100.0) > 0.05
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_weight_decay_and_clamp_follow_openclip(shared):
+    # open_clip_train's rule: decay every tensor of 2+ dimensions unless its name holds ln/bn/bias/logit_scale;
+    # the token and positional embeddings are decayed, the class embedding (1-D) and gains are not
+    model = A.CLIP(tiny_config(shared=shared))
+    opt = T.make_optimizer(model, T.parse_args(["--wd", "0.1", "--lr", "0.1"]), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    kept = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim >= 2}
+    assert {"text.token_embedding.weight", "visual.positional_embedding", "text.positional_embedding",
+            "visual.conv1.weight", "projection"} <= decayed
+    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight"} <= kept
+    assert ("text_projection" in decayed) != shared
+    # OpenCLIP's clamp keeps tau = ln s in [0, ln 100]: s never falls below 1
+    opt.zero_grad()
+    model.logit_scale.data.fill_(0.01)
+    model.logit_scale.grad = torch.tensor(1.0)
+    opt.step()
+    assert model.logit_scale.item() == 0.0
+
+
 def test_default_logit_scale_is_clip_s(tmp_path):
     args = T.parse_args([])
     assert math.log(args.init_logit_scale) == A.ModelConfig().init_logit_scale  # 1/0.07, bit for bit

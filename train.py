@@ -95,7 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=None, help="length of the schedule in steps (not epochs)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the paper: 1e-3 at batch 512)")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to 0")
-    g.add_argument("--wd", type=float, default=0.1, help="weight decay (not on gains, biases, embeddings, s)")
+    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (OpenCLIP's rule: on 2-D+ tensors)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast dtype; auto: bf16 on CUDA (fp16 before sm_80), fp32 on CPU")
@@ -257,12 +257,14 @@ def autocast_dtype(precision, device):
 
 
 def make_optimizer(model, args, device):
-    """AdamW (betas 0.9/0.98, eps 1e-6, as CLIP) without weight decay on gains, biases, embeddings and
-    tau; after every step tau is clamped to [0, ln 100] (CLIP.clamp_logit_scale_), on the device."""
+    """AdamW (betas 0.9/0.98, eps 1e-6, as CLIP) with OpenCLIP's weight-decay rule (open_clip_train's
+    main.py, also the authors' fork): every tensor of 2 or more dimensions is decayed, the token and
+    positional embeddings too, except names holding ln/bn/bias/logit_scale. After every step tau is
+    clamped to [0, ln 100] (CLIP.clamp_logit_scale_, OpenCLIP's clamp), on the device."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:  # tau under --fixed-logit-scale is not a parameter AdamW may touch
-            exempt = p.ndim < 2 or "embedding" in name or name == "logit_scale"
+            exempt = p.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
             (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
