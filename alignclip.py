@@ -34,13 +34,10 @@ import html
 import itertools
 import math
 
-import ftfy
-import regex
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 import torchvision.transforms.v2.functional as TF
@@ -86,13 +83,16 @@ def bytes_to_unicode():
 
 # CLIP's words: contractions, runs of letters, single digits, runs of other non-space characters.
 # \p{L} and \p{N} need the `regex` module (the standard `re` has no Unicode classes), as in CLIP.
-_WORD = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+# ftfy and regex are imported where used: `python train.py --selfcheck` needs only torch and torchvision.
+_WORD = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
 def clean_text(text):
     r"""CLIP's whitespace_clean(basic_clean(text)).lower(): ftfy repairs what web captions carry (mojibake
     "cafÃ©" -> "café", curly quotes, ligatures, full-width forms), HTML is unescaped twice ("&amp;quot;"
     -> '"'), whitespace (`regex`'s \s) is collapsed to one space."""
+    import ftfy
+    import regex
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 
@@ -101,7 +101,8 @@ def pretokenize(text):
     """Cleaned text -> words, e.g. "a_b don't 2024" -> a _ b don 't 2 0 2 4. The one difference from
     CLIP: its pattern also matches the special tokens, so a caption that spells "<|endoftext|>" ends
     early there; here it is plain text."""
-    return _WORD.findall(clean_text(text))
+    import regex
+    return regex.findall(_WORD, clean_text(text), regex.IGNORECASE)
 
 
 def _merge(symbols, a, b):
@@ -517,8 +518,9 @@ class CLIP(nn.Module):
         return self.encode_image(images), texts, scale
 
 
-def trim_text_padding(tokens, eot_id):
-    """(B, T) token ids -> (B, T'): the columns after the batch's last end-of-text token dropped.
+def trim_text_padding(tokens, eot_id, multiple=1):
+    """(B, T) token ids -> (B, T'): the columns after the batch's last end-of-text token dropped (T'
+    rounded up to a multiple of `multiple`, at most T: torch.compile then sees a few lengths, not 77).
     Exact: encode_text reads each row at its end token, and under causal attention no position reads
     a later one. On the host, before the batch moves (Collate calls it), the data-dependent length and
     the check that every row holds the end-of-text id cost no device sync."""
@@ -528,14 +530,14 @@ def trim_text_padding(tokens, eot_id):
     if not bool(is_eot.any(dim=1).all()):
         raise ValueError(f"every text must contain the end-of-text id {eot_id}")
     longest = int(is_eot.int().argmax(dim=1).max()) + 1        # the longest row, end token included
-    return tokens[:, :longest]                                 # (B, T')
+    return tokens[:, :-(-longest // multiple) * multiple]      # (B, T')
 
 
-def tokenize(tokenizer, texts, context_length):
+def tokenize(tokenizer, texts, context_length, multiple=1):
     """tokenizer(texts) -> (B, T') ids, trimmed when the tokenizer names its eot_id (ours does)."""
     tokens = tokenizer(texts, context_length=context_length)               # (B, T)
     eot_id = getattr(tokenizer, "eot_id", None)
-    return tokens if eot_id is None else trim_text_padding(tokens, eot_id)  # (B, T')
+    return tokens if eot_id is None else trim_text_padding(tokens, eot_id, multiple)  # (B, T')
 
 
 # ---- the model's input: CLIP's image preprocessing ----
@@ -571,13 +573,19 @@ def image_transform(image_size, train):
     return ImageTransform(image_size, train)
 
 
+_MEAN_STD = {}  # (device, dtype) -> (255 mean, 255 std), made once: a step copies nothing from the host
+
+
 def normalize_images(images, dtype=torch.float32):
     """uint8 (B, 3, size, size) on the device -> CLIP's input (x / 255 - mean) / std. Floating-point
     input is taken as already normalised and returned unchanged."""
     if images.is_floating_point():
         return images
-    mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=images.device).view(3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, dtype=dtype, device=images.device).view(3, 1, 1) * 255
+    key = (images.device, dtype)
+    if key not in _MEAN_STD:  # torch.tensor(list, device=cuda) copies from pageable memory: a host sync
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype, device=images.device).view(3, 1, 1) * 255
+                               for v in (CLIP_MEAN, CLIP_STD))
+    mean, std = _MEAN_STD[key]
     return (images.to(dtype) - mean) / std                                  # (B, 3, size, size)
 
 
@@ -994,6 +1002,7 @@ def embed_images(model, items, device="cpu", batch_size=256, workers=0, progress
     loader = DataLoader(_EvalImages(items, image_transform(model.config.image_size, train=False)),
                         batch_size=batch_size, num_workers=workers, collate_fn=_stack_readable)
     kept, out = [], []
+    from tqdm import tqdm
     for idx, images in (tqdm(loader, desc="images", unit="batch", leave=False) if progress else loader):
         if images is None:
             continue
@@ -1062,7 +1071,6 @@ import tempfile
 import time
 import warnings
 
-from braceexpand import braceexpand
 import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import get_worker_info, IterableDataset, Sampler
@@ -1570,6 +1578,7 @@ class CsvPairs(Dataset):
 
 def expand_braces(pattern):
     """Shard names from a webdataset pattern ('a/{000..002}.tar', braceexpand); '::' joins patterns."""
+    from braceexpand import braceexpand
     return [name for part in pattern.split("::") if part for name in braceexpand(part)]
 
 
@@ -1734,21 +1743,23 @@ class Collate:
     """Items ({"image", "caption"} or None) -> {"image": (B, 3, size, size) uint8, "tokens": (B, T'),
     "semantic": (B, d_s) or None, "caption", "skipped": the None items dropped}. text_groups > 1 (our
     Tokenizer): pairs sorted by caption length, tokens a tuple of groups each trimmed to its longest
-    caption (the losses ignore the order; the text tower pays ~16 positions a synthetic caption, not ~28)."""
+    caption (the losses ignore the order; the text tower pays ~16 positions a synthetic caption, not ~28),
+    rounded up to a multiple of `multiple` (train.py --compile: 16, so at most five lengths)."""
 
-    def __init__(self, tokenizer, cache=None, context_length=77, text_groups=1):
+    def __init__(self, tokenizer, cache=None, context_length=77, text_groups=1, multiple=1):
         self.tokenizer, self.cache, self.context_length = tokenizer, cache, context_length
+        self.multiple = multiple
         self.text_groups = text_groups if getattr(tokenizer, "eot_id", None) is not None else 1
 
     def __call__(self, items):
         kept = [x for x in items if x is not None]
         captions = [x["caption"] for x in kept]
         if kept:
-            tokens = tokenize(self.tokenizer, captions, self.context_length)       # (B, T')
+            tokens = tokenize(self.tokenizer, captions, self.context_length, self.multiple)  # (B, T')
             if self.text_groups > 1:  # shortest first (a stable sort: the same order on every run)
                 order = (tokens == self.tokenizer.eot_id).int().argmax(dim=1).argsort(stable=True).tolist()
                 kept, captions = [kept[i] for i in order], [captions[i] for i in order]
-                tokens = tuple(trim_text_padding(group, self.tokenizer.eot_id)
+                tokens = tuple(trim_text_padding(group, self.tokenizer.eot_id, self.multiple)
                                for group in tokens[order].tensor_split(self.text_groups) if len(group))
             image = torch.stack([x["image"] for x in kept])                        # (B, 3, size, size)
         else:
@@ -1859,6 +1870,7 @@ class SemanticCache:
         writable_folder(cache_dir)  # before loading the encoder and encoding anything
         encoder = encoder if encoder is not None else load_sentence_encoder(model, device)
         tmp, tmp_hashes = f"{emb_path}.{os.getpid()}.tmp.npy", f"{hash_path}.{os.getpid()}.tmp.npy"
+        from tqdm import tqdm
         bar = tqdm(total=len(rows), desc="encoding captions", unit="caption", disable=not show_progress)
         out, chunk = None, batch_size * 8
         for lo in range(0, len(rows), chunk):

@@ -739,6 +739,24 @@ def test_collate_trims_the_batch_to_its_longest_caption():
     assert torch.equal(batch["tokens"], tok(batch["caption"], 32)[:, : batch["tokens"].shape[1]])
 
 
+def test_text_lengths_round_up_to_a_multiple_for_compile():
+    tokens = torch.full((3, 77), 5)
+    for eot_at, expected in [(4, 16), (16, 32), (30, 32), (70, 77)]:   # at most the context length
+        tokens[:, :] = 5
+        tokens[1, eot_at] = 299
+        tokens[[0, 2], 2] = 299
+        assert A.trim_text_padding(tokens, 299, multiple=16).shape == (3, expected)
+    captions = ["a red circle", "a big blue square on the left of a tiny green star", "a star", "a hoop"]
+    tok = A.Tokenizer.train(captions, 600)
+    items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": c} for c in captions]
+    groups = A.Collate(tok, None, 77, text_groups=2, multiple=16)(items)["tokens"]
+    longest = [max(len(tok.encode(c)) + 2 for c in caps) for caps in (captions[2:], captions[:2])]
+    assert longest[0] < 16 and 32 < longest[1] < 48
+    assert [g.shape[1] for g in groups] == [16, 48]
+    for g, caps in zip(groups, [captions[2:], captions[:2]]):
+        assert torch.equal(g, tok(caps, 77)[:, :g.shape[1]])
+
+
 def test_collate_length_groups_keep_every_pair_together_and_trim_each_group():
     captions = ["a red circle", "a big blue square on the left of a tiny green star", "a star",
                 "two small yellow squares at the top", "a hoop", "a large purple triangle in the middle"]
@@ -1901,6 +1919,15 @@ def test_normalize_images_is_clips_normalisation_on_any_device_dtype():
         assert A.normalize_images(x).dtype == torch.float32
 
 
+def test_normalize_images_makes_its_constants_once(monkeypatch):
+    # torch.tensor(list, device=cuda) is a blocking copy from the host: never inside a training step
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = A.normalize_images(x, torch.float64)
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert torch.equal(A.normalize_images(x, torch.float64), first) and made == []
+
+
 def _pil_eval_reference(img, size):
     """The evaluation transform before the uint8 pipeline: PIL bicubic resize, centre crop, to_tensor,
     normalise on the CPU."""
@@ -1971,7 +1998,8 @@ def test_shards_are_shuffled_as_bytes_and_decoded_after(tmp_path, monkeypatch):
 
 def _shard_args(workers, **kw):
     import argparse
-    return argparse.Namespace(**dict(dict(seed=3, batch_size=2, workers=workers, device="cpu"), **kw))
+    return argparse.Namespace(**dict(dict(seed=3, batch_size=2, workers=workers, device="cpu", compile=False),
+                                      **kw))
 
 
 def _batches(batches, epoch, start):
@@ -2258,7 +2286,7 @@ def one_thread():
 
 
 def run_eval(ev, command, *extra, out="out", checkpoints=("align", "clip")):
-    argv = [command, "--out", str(ev["root"] / out), "--workers", "0", "--batch-size", "16",
+    argv = [command, "--out", str(ev["root"] / out), "--workers", "0", "--batch-size", "16", "--device", "cpu",
             "--data-root", str(ev["data"]), "--synthetic-size", "12", "--synthetic-train-size", "8"]
     for c in checkpoints:   # a key of ev, or a path
         argv += ["--checkpoint", ev.get(c, c)]
@@ -2675,7 +2703,7 @@ def test_all_writes_results_json_and_figures_and_encodes_once(ev, monkeypatch, c
 # =============================================================================
 # A small but real configuration: the tiny preset shrunk further so each step takes milliseconds.
 SMALL = ["--train-size", "48", "--val-size", "12", "--batch-size", "8", "--workers", "0",
-         "--log-every", "1", "--vocab-size", "600", "--threads", "2"]
+         "--log-every", "1", "--vocab-size", "600", "--threads", "2", "--device", "cpu"]  # CPU on a GPU machine too
 
 
 def small_preset(monkeypatch):
@@ -3782,3 +3810,59 @@ def test_eval_tradeoff_plots_a_sweep_in_the_order_of_the_option(tmp_path, capsys
         with pytest.raises(SystemExit) as e:
             E.main(["tradeoff", *argv, "--out", str(tmp_path / "o")])
         assert e.value.code and why in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- the GPU path, shown on CPU where it can be ----
+
+def test_resume_sets_adamw_fused_for_this_device(tmp_path, monkeypatch):
+    # a checkpoint written on a GPU holds fused=True: on this device the flag must follow the device,
+    # not the file (fp16 with a GradScaler crashes on CUDA with a saved fused=False)
+    small_preset(monkeypatch)
+    run(tmp_path, "--model", "shared", "--steps", "3", "--stop-after", "2")
+    path = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for g in ckpt["optimizer"]["param_groups"]:
+        g["fused"] = True
+    torch.save(ckpt, path)
+    optimizers, real = [], T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
+    run(tmp_path, "--model", "shared", "--steps", "3", "--resume")
+    assert [g["fused"] for g in optimizers[0].param_groups] == [False, False]
+
+
+def test_loader_prefetch_fits_dev_shm(tmp_path, monkeypatch):
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    cfg = A.ModelConfig.preset("tiny", image_size=32, context_length=8)
+    scenes = A.SyntheticScenes("train", size=12, image_size=32)
+    batch_mb = 8 * 3 * 32 * 32 / 2**20
+    made = []
+    monkeypatch.setattr(T, "DataLoader", lambda *a, **k: made.append(k))
+    for free_mb, prefetch in [(100.0, 4), (5 * batch_mb, 1), (9 * batch_mb, 2)]:   # 2 workers: half of free
+        monkeypatch.setattr(T.shutil, "disk_usage", lambda p: T.argparse.Namespace(free=free_mb * 2**20))
+        T.make_loader(scenes, _shard_args(2, batch_size=8), _hash_tokenizer, None, cfg, 0, 1)
+        assert made[-1]["prefetch_factor"] == prefetch
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: T.argparse.Namespace(free=3 * batch_mb * 2**20))
+    with pytest.raises(ValueError, match=r"/dev/shm has 0 MB free; 2 loader workers need about 0 MB.*shm-size"):
+        T.make_loader(scenes, _shard_args(2, batch_size=8), _hash_tokenizer, None, cfg, 0, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_selfcheck_needs_only_torch_and_torchvision():
+    # the GPU machine may have nothing else: every other library is imported only where it is used
+    import subprocess
+    script = ("import importlib.machinery, sys\n"
+              "class NotInstalled(importlib.machinery.PathFinder):\n"
+              "    @classmethod\n"
+              "    def find_spec(cls, name, path=None, target=None):\n"
+              "        if name.split('.')[0] in {'ftfy', 'regex', 'tqdm', 'braceexpand', 'sentence_transformers',\n"
+              "                                  'transformers', 'safetensors', 'pytest'}:\n"
+              "            return None\n"
+              "        return super().find_spec(name, path, target)\n"
+              "sys.meta_path = [NotInstalled if f is importlib.machinery.PathFinder else f for f in sys.meta_path]\n"
+              "import train\n"
+              "train.main(['--selfcheck'])\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --selfcheck checks a GPU, and torch sees no CUDA device here"), done.stderr

@@ -25,16 +25,17 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import alignclip as A
 
@@ -95,7 +96,7 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=None, help="length of the schedule in steps (not epochs)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the paper: 1e-3 at batch 512)")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to 0")
-    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (OpenCLIP's rule: on 2-D+ tensors)")
+    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (OpenCLIP's rule)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast dtype; auto: bf16 on CUDA (fp16 before sm_80), fp32 on CPU")
@@ -115,6 +116,8 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=20, help="log a line every N steps")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--selfcheck", action="store_true",
+                   help="check this GPU and time ViT-B/16 (minutes; only torch and torchvision needed)")
     args = p.parse_args(argv)
     if args.workers is None:  # the cores of this process, shared by torchrun's local processes, less one
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -234,6 +237,36 @@ def compute_loss(model, images, tokens, semantic, args, sizes=None):
     return loss, {k: v.detach() for k, v in parts.items()}
 
 
+def train_step(run, batch, args, sizes=None):
+    """One step on a batch from the loader: inputs to the device without waiting (uint8 images, token
+    groups, sentence embeddings), forward and loss under autocast, backward, clip, AdamW, then the
+    clamp of tau. No host-device sync: returns device tensors (loss, parts for the log, gradient norm)."""
+    device, optimizer, scaler = run.device, run.optimizer, run.scaler
+    images = A.normalize_images(batch["image"].to(device, non_blocking=True))
+    tokens = batch["tokens"]                                              # (B, T), or Collate's length groups
+    tokens = (tuple(t.to(device, non_blocking=True) for t in tokens) if isinstance(tokens, tuple)
+              else tokens.to(device, non_blocking=True))
+    semantic = batch["semantic"]                                          # (B, d_s), or None
+    semantic = None if semantic is None else semantic.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+        loss, parts = compute_loss(run.model, images, tokens, semantic, args, sizes)
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.grad_clip or float("inf"))
+    scaler.step(optimizer) if scaler else optimizer.step()                # then tau is clamped (the hook)
+    if scaler:
+        scaler.update()
+    return loss, parts, gnorm
+
+
+def compile_towers(raw):
+    """torch.compile each tower on its own: one image shape, and text lengths rounded up to 16 by
+    make_loader's Collate (at most five shapes, under dynamo's recompile limit of 8)."""
+    raw.encode_image, raw.encode_text = torch.compile(raw.encode_image), torch.compile(raw.encode_text)
+
+
 def autocast_dtype(precision, device):
     """--precision -> the autocast dtype, None for float32. auto: bf16 on a GPU with native bf16, fp16 on
     older GPUs, fp32 on CPU. A dtype autocast cannot use here is an error, never a silent float32 run."""
@@ -307,12 +340,19 @@ def make_loader(source, args, tokenizer, cache, config, rank, world):
     """batches(epoch, start_batch) -> the batches of that epoch from start_batch on. One DataLoader serves
     the whole run, so its workers persist (each unpickles the tokenizer and maps the cache once); the
     epoch and start reach them through the sampler or TarShards' shared position."""
-    collate = A.Collate(tokenizer, cache, config.context_length, text_groups=TEXT_GROUPS)
+    collate = A.Collate(tokenizer, cache, config.context_length, TEXT_GROUPS, 16 if args.compile else 1)
     train_tf = A.image_transform(config.image_size, train=True)
     pin = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     opts = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate)
-    if args.workers:
-        opts.update(persistent_workers=True, prefetch_factor=4)
+    if args.workers:  # workers hand batches over in /dev/shm (a container's default: 64 MB)
+        batch_mb = args.batch_size * 3 * config.image_size ** 2 / 2 ** 20   # uint8 images
+        free_mb = shutil.disk_usage("/dev/shm").free / 2 ** 20 if os.path.isdir("/dev/shm") else math.inf
+        prefetch = min(4, int(free_mb / 2 / (args.workers * batch_mb)))   # at most half of it
+        if prefetch < 1:
+            raise ValueError(f"/dev/shm has {free_mb:.0f} MB free; {args.workers} loader workers need "
+                             f"about {2 * args.workers * batch_mb:.0f} MB: lower --workers or --batch-size, "
+                             "or give the container more (docker run --shm-size 8g)")
+        opts.update(persistent_workers=True, prefetch_factor=prefetch)
     if isinstance(source, str):  # WebDataset shards: a stream
         shards = A.TarShards(source, train_tf, seed=args.seed, rank=rank, world_size=world)
         loader = DataLoader(shards, batch_size=args.batch_size, drop_last=True, **opts)
@@ -415,6 +455,8 @@ def setup(args):
     if ckpt:  # continue: weights, optimizer and scaler state, data position, random states
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for g in optimizer.param_groups:  # the saved flag is the saving device's; fused AdamW: CUDA's
+            g["fused"] = device.type == "cuda"
         if scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         pos = {k: ckpt["position"][k] for k in pos}
@@ -423,6 +465,8 @@ def setup(args):
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][:torch.cuda.device_count()])
     pos["world_size"] = world
+    if args.compile:
+        compile_towers(raw)
     model = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw, device_ids=[device.index] if device.type == "cuda" else None)
     total = args.steps or args.epochs * per_epoch
@@ -433,7 +477,7 @@ def setup(args):
               f"world {world}; {total} steps of {args.batch_size * world} pairs; run folder {args.out}")
     return argparse.Namespace(
         args=args, rank=rank, world=world, main=rank == 0, device=device, dtype=dtype, path=path,
-        raw=raw, model=torch.compile(model) if args.compile else model, optimizer=optimizer, scaler=scaler,
+        raw=raw, model=model, optimizer=optimizer, scaler=scaler,
         tokenizer=tokenizer, val_src=val_src, pos=pos, total=total,
         batches=make_loader(train_src, args, tokenizer, cache, raw.config, rank, world),
         group=dist.new_group(backend="gloo") if world > 1 else None,          # for exchange(): host integers
@@ -471,8 +515,7 @@ def train(args):
     """One run: setup, then the loop (learning rate, step, log, validate, checkpoint, stop), then the
     final validation. Returns 'done', 'stopped' (--stop-after) or 'signal' (Ctrl-C or SIGTERM)."""
     run = setup(args)
-    pos, total, device, dtype = run.pos, run.total, run.device, run.dtype
-    optimizer, scaler = run.optimizer, run.scaler
+    pos, total, device, optimizer = run.pos, run.total, run.device, run.optimizer
     stop = {"flag": False}   # Ctrl-C or SIGTERM: finish the step in flight, save, exit
 
     def on_signal(signum, frame):
@@ -485,6 +528,7 @@ def train(args):
     pid, handlers = os.getpid(), {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bad = torch.zeros((), dtype=torch.bool, device=device)   # a non-finite loss so far: read at log lines
     recent, skipped, empty, t_log, step_log, status = [], 0, 0, time.time(), pos["step"], "done"
+    from tqdm import tqdm  # here: --selfcheck needs only torch and torchvision
     bar = tqdm(total=total, initial=pos["step"], disable=not run.main, dynamic_ncols=True, leave=False)
     try:
         if args.eval_every and pos["step"] == 0:
@@ -509,23 +553,7 @@ def train(args):
                 lr = A.cosine_lr(pos["step"], total, args.lr, args.warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                images = A.normalize_images(batch["image"].to(device, non_blocking=True))
-                tokens = batch["tokens"]                                  # (B, T), or Collate's length groups
-                tokens = (tuple(t.to(device, non_blocking=True) for t in tokens) if isinstance(tokens, tuple)
-                          else tokens.to(device, non_blocking=True))
-                semantic = batch["semantic"]                              # (B, d_s), or None
-                semantic = None if semantic is None else semantic.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss, parts = compute_loss(run.model, images, tokens, semantic, args,
-                                               sizes if run.world > 1 else None)
-                optimizer.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.grad_clip or float("inf"))
-                scaler.step(optimizer) if scaler else optimizer.step()    # then tau is clamped (the hook)
-                if scaler:
-                    scaler.update()
+                loss, parts, gnorm = train_step(run, batch, args, sizes if run.world > 1 else None)
                 bad |= ~torch.isfinite(loss.detach())                    # on the device: no sync here
                 recent.append(loss.detach())
                 pos["step"] += 1
@@ -652,10 +680,114 @@ def initial_model(args, init, tokenizer, device):
     return model.to(device), tokenizer
 
 
+# -----------------------------------------------------------------------------
+# The GPU self-check: python train.py --selfcheck
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 FLOP/s, for the MFU
+
+
+def selfcheck(args):
+    """What a GPU must show before a long run, each part on its own (a failure is printed, the next part
+    runs): the fused loss against the float64 reference in fp32, bf16 and fp16, one strip and several;
+    host syncs in a training step fed uint8 images; ViT-B/16 AlignCLIP training pairs/s at batch 512 in
+    bf16, eager and compiled, with MFU and peak memory; the loss benchmark at three sizes."""
+    if not torch.cuda.is_available():
+        raise ValueError("--selfcheck checks a GPU, and torch sees no CUDA device here")
+    device = torch.device(args.device or "cuda")
+    name = torch.cuda.get_device_name(device)
+    print(f"{name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    F, flops = torch.nn.functional, {}
+
+    def part(title, fn, *a):
+        print(f"\n{title}", flush=True)
+        t0 = time.time()
+        try:
+            fn(*a)
+        except Exception:  # a self-check reports every part
+            print("  FAILED: " + traceback.format_exc())
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+    def loss_errors():  # b = 1000 rows: 1 strip of 1024, or 4 of 256 (the last partial)
+        gen = torch.Generator(device).manual_seed(0)
+        Ev, Et, Es = (F.normalize(torch.randn(1000, 256, generator=gen, device=device, dtype=torch.float64),
+                                  dim=-1) for _ in range(3))
+
+        def value_and_grads(loss, dtype, **kw):
+            x = [Ev.to(dtype, copy=True).requires_grad_(), Et.to(dtype, copy=True).requires_grad_(),
+                 torch.tensor(50.0, device=device, dtype=torch.float64 if dtype == torch.float64 else None)]
+            x[2].requires_grad_()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype.itemsize == 2):
+                value = loss(x[0], x[1], Es.to(dtype), x[2], **kw)
+            value.backward()
+            return [value.detach()] + [t.grad for t in x]
+        exact = value_and_grads(A.alignclip_loss_reference, torch.float64)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for label, loss, kw in (("reference", A.alignclip_loss_reference, {}),
+                                    ("fused, 1 strip", A.alignclip_loss, {"block_size": 1024}),
+                                    ("fused, 4 strips", A.alignclip_loss, {"block_size": 256})):
+                err = [((a.double() - e).abs().max() / e.abs().max()).item()
+                       for a, e in zip(value_and_grads(loss, dtype, **kw), exact)]
+                print(f"  {str(dtype)[6:]:>8} {label:<16} relative error: loss {err[0]:.1e}, "
+                      f"dE_v {err[1]:.1e}, dE_t {err[2]:.1e}, ds {err[3]:.1e}")
+
+    def training(compiled, steps=10, B=512):  # random uint8 images, 77-token texts, pinned as the loader's
+        torch.manual_seed(0)
+        config = A.ModelConfig.preset("ViT-B-16", shared=True, vocab_size=49408, eot_id=49407)
+        raw = A.CLIP(config).to(device)
+        targs = parse_args(["--precision", "bf16"])                     # AlignCLIP's defaults
+        run = argparse.Namespace(device=device, dtype=torch.bfloat16, raw=raw, model=raw, scaler=None,
+                                 optimizer=make_optimizer(raw, targs, device))
+        if compiled:
+            compile_towers(raw)
+        tokens = torch.randint(1, 49407, (B, config.context_length))
+        tokens[:, -1] = 49407
+        size = config.image_size
+        batch = {"image": torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8).pin_memory(),
+                 "tokens": tokens.pin_memory(),
+                 "semantic": F.normalize(torch.randn(B, 768), dim=-1).pin_memory()}
+        t0 = time.time()
+        for _ in range(3):                                               # warm-up (compiled: compiles)
+            train_step(run, batch, targs)
+        torch.cuda.synchronize()
+        print(f"  3 warm-up steps: {time.time() - t0:.0f} s", flush=True)
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")                       # warns at every synchronising call
+            train_step(run, batch, targs)
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message).splitlines()[0] for w in syncs if "synchroniz" in str(w.message)]
+        print(f"  host syncs in one training step: {len(syncs)}" + "".join("\n    " + m for m in syncs[:3]))
+        if not compiled:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:                 # matmuls and attention
+                train_step(run, batch, targs)
+            flops["step"] = counter.get_total_flops()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        for _ in range(steps):
+            loss = train_step(run, batch, targs)[0]
+        torch.cuda.synchronize()
+        dt = (time.time() - t0) / steps
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        mfu = f"MFU {flops['step'] / dt / peak:.0%} of {peak / 1e12:.0f} TFLOP/s; " if peak and flops else ""
+        gib, tflop = torch.cuda.max_memory_allocated() / 2**30, flops.get("step", 0) / 1e12
+        print(f"  {B / dt:.0f} pairs/s ({dt * 1e3:.0f} ms a step of {tflop:.1f} TFLOP); {mfu}"
+              f"peak memory {gib:.1f} GiB; loss {loss.item():.3f}")
+
+    part("The fused loss against the float64 reference (b = 1000, d = 256, s = 50)", loss_errors)
+    for compiled in (False, True):
+        part(f"ViT-B/16 AlignCLIP training step, batch 512, bf16, {'compiled' if compiled else 'eager'}",
+             training, compiled)
+    for precision in ("fp32", "bf16"):
+        part(f"The loss benchmark, {precision}", A.bench,
+             ["--device", str(device), "--precision", precision, "--sizes", "4096", "16384", "32768"])
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        status = train(args)
+        status = selfcheck(args) if args.selfcheck else train(args)
     except FloatingPointError as e:   # a non-finite loss or weights: the last good checkpoint is kept
         print(e)
         sys.exit(1)
