@@ -1070,9 +1070,11 @@ import tarfile
 import tempfile
 import time
 import warnings
+import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file as load_safetensors
 from torch.utils.data import get_worker_info, IterableDataset, Sampler
 try:  # deprecated since torchvision 0.29 (TorchCodec takes over); read_image uses PIL if they are gone
     from torchvision.io import decode_image, ImageReadMode
@@ -1109,20 +1111,62 @@ def cosine_lr(step, total, peak, warmup=0):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: ours (they store asdict(config)), the authors' SharedCLIP/AlignCLIP files and OpenCLIP
-# state dicts, whose keys are renamed to ours and whose config is inferred from tensor shapes.
+# Checkpoints: ours (they store asdict(config)); the authors', OpenCLIP's, OpenAI's and transformers', whose
+# keys are renamed to ours and whose config is read from tensor shapes and any config file beside them.
 # -----------------------------------------------------------------------------
+
+_HUB_FILES = {"open_clip_config.json": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+              "config.json": ("model.safetensors", "pytorch_model.bin")}   # transformers' CLIPModel
+
+
+def _read_hub_folder(path) -> dict:
+    """{"state_dict", "activation", "heads"} of an OpenCLIP or transformers folder,, as their loaders do."""
+    found = [(c, w) for c, ws in _HUB_FILES.items() for w in ws
+             if os.path.isfile(os.path.join(path, c)) and os.path.isfile(os.path.join(path, w))]
+    if not found:
+        raise ValueError(f"{path}: a folder without weights this loader reads (looked for " + "; ".join(
+            f"{c} with {' or '.join(ws)}" for c, ws in _HUB_FILES.items()) + ")")
+    config, weights = found[0]
+    cfg = json.loads(Path(path, config).read_text())
+    if config == "open_clip_config.json":
+        cfg = cfg.get("model_cfg", {})
+        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+        heads = (vision.get("width", 768) // vision.get("head_width", 64), text.get("heads", 8))
+        acts = {"quick_gelu" if cfg.get("quick_gelu") else "gelu"}
+    else:
+        towers = cfg.get("vision_config", {}), cfg.get("text_config", {})
+        heads = tuple(t.get("num_attention_heads", n) for t, n in zip(towers, (12, 8)))
+        acts = {t.get("hidden_act", "quick_gelu") for t in towers}
+        if len(acts) > 1 or not acts <= {"gelu", "quick_gelu"}:
+            raise ValueError(f"{path}/config.json: hidden_act {sorted(acts)}, not one of gelu, quick_gelu")
+    return dict(state_dict=read_checkpoint(os.path.join(path, weights)), activation=acts.pop(), heads=heads)
 
 
 def read_checkpoint(path) -> dict:
-    """torch.load(weights_only=True) with one clear error for a missing, truncated or foreign file."""
+    """The dict in a checkpoint file or hub folder; one clear line for a missing, truncated or foreign one.
+    TorchScript (OpenAI's files) is read by torch.jit.load, which runs code from the file (as clip.load)."""
+    path = str(path)
+    if os.path.isdir(path):
+        return _read_hub_folder(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns that TorchScript is deprecated and of pickle
+            warnings.simplefilter("ignore")   # protocols it did not write: noise to someone reading weights
+            if path.endswith(".safetensors"):
+                return load_safetensors(path)
+            if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl")   # TorchScript, not a pickle
+                                                for n in zipfile.ZipFile(path).namelist()):
+                sd = torch.jit.load(path, map_location="cpu").state_dict()  # attn_mask: a buffer, no weight
+                return {"state_dict": {k: v for k, v in sd.items() if not k.endswith("attn_mask")},
+                        "activation": "quick_gelu"}                          # OpenAI's are all QuickGELU
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated zip or a bad pickle
-        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); the file is "
-                         "truncated, corrupt, or not a PyTorch state dict") from None
+        # torch's reason in one line, without its advice about weights_only=False
+        lines = [l for l in str(e).splitlines()
+                 if l.strip() and "weights_only" not in l and "torch.load" not in l]
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {(lines or [''])[0]}); "
+                         "truncated, corrupt, or not a PyTorch, safetensors or TorchScript file") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
@@ -1230,13 +1274,46 @@ def _openclip_names(sd: dict, back: bool = False) -> dict:
     return {name(k): v for k, v in sd.items()}
 
 
-def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: bool = False, heads=None):
-    """A CLIP from (a) our checkpoints, (b) the authors' SharedCLIP/AlignCLIP files or (c) OpenCLIP state
-    dicts (OpenAI's: activation="quick_gelu"). Foreign files record no head counts: an architecture not
-    recognised by shape needs heads= (an int, an (image, text) pair, a ModelConfig or a preset name).
-    NaN or inf weights are refused. with_tokenizer=True: (model, our checkpoint's tokenizer or None)."""
+# transformers' CLIPModel names -> OpenCLIP's, replaced in this order (convert_clip_original_pytorch_to_hf.py)
+_HF_NAMES = [("vision_model.embeddings.", "visual."), ("text_model.embeddings.", ""),
+             ("patch_embedding.", "conv1."), ("position_embedding.weight", "positional_embedding"),
+             ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+             ("text_model.encoder.layers.", "transformer.resblocks."),
+             ("text_model.final_layer_norm.", "ln_final."), ("vision_model.pre_layrnorm.", "visual.ln_pre."),
+             ("vision_model.post_layernorm.", "visual.ln_post."), ("layer_norm1.", "ln_1."),
+             ("layer_norm2.", "ln_2."), ("fc1.", "c_fc."), ("fc2.", "c_proj."),
+             ("self_attn.out_proj.", "attn.out_proj."), ("visual_projection.weight", "visual.proj"),
+             ("text_projection.weight", "text_projection")]
+
+
+def _hf_names(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for hf, theirs in _HF_NAMES:
+            k = k.replace(hf, theirs)
+        if not k.endswith("position_ids"):   # older files' buffer 0, 1, ..., not a weight
+            out[k] = v.t() if k in ("visual.proj", "text_projection") else v
+    for k in [k for k in out if ".self_attn.q_proj." in k]:
+        stem, kind = k.split(".self_attn.q_proj.")
+        qkv = [out.pop(f"{stem}.self_attn.{x}_proj.{kind}") for x in "qkv"]
+        out[f"{stem}.attn.in_proj_{kind}"] = torch.cat(qkv)   # (3W, W) or (3W,), as nn.MultiheadAttention
+    return out
+
+
+def load_model(path_or_state_dict, activation: str = None, with_tokenizer: bool = False, heads=None):
+    """A CLIP from a file, folder or state dict (formats in the README): (a) ours, (b) the authors', (c)
+    OpenCLIP's, OpenAI's (TorchScript: torch.jit.load runs code from the file, so load only files you
+    trust) or transformers'. The activation is the file's where it says it (activation= contradicting it is
+    an error), else activation=, else gelu, with a note. Heads: heads= (an int, an (image, text) pair, a
+    ModelConfig or a preset name), else a folder's config, else a released model of the same shape. NaN or
+    inf weights are refused. with_tokenizer=True: (model, our checkpoint's tokenizer or None)."""
     obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_checkpoint(path_or_state_dict)
     ours = "config" in obj and "model" in obj
+    told = ModelConfig.from_dict(obj["config"]).activation if ours else obj.get("activation")  # or None
+    if activation and told and activation != told:
+        raise ValueError(f"activation={activation!r} contradicts the file, whose config says {told!r}")
+    assumed, activation = not (activation or told), activation or told or "gelu"
+    heads = obj.get("heads") if heads is None else heads               # a hub folder's config
     sd = obj["model"] if ours else obj
     sd = sd.get("state_dict", sd)
     if not isinstance(sd, dict):
@@ -1245,6 +1322,8 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
     merges = obj.get("tokenizer") if ours else None
     if not ours and "text_transformer.resblocks.0.ln_1.weight" in sd:  # our two-tower CLIP, bare
         sd = _openclip_names(sd)
+    if "vision_model.embeddings.patch_embedding.weight" in sd:          # transformers' CLIPModel
+        sd = _hf_names(sd)
     if ours:                                                             # (a) no guessing
         config, layout = ModelConfig.from_dict(obj["config"]), "alignclip"
     elif "projection" in sd and "text.token_embedding.weight" in sd:    # (b) SharedCLIP/AlignCLIP
@@ -1261,6 +1340,9 @@ def load_model(path_or_state_dict, activation: str = "gelu", with_tokenizer: boo
                          "('config' and 'model'), the SharedCLIP layout ('projection', "
                          "'text.token_embedding.weight') or the OpenCLIP layout ('visual.proj', "
                          f"'text_projection'); found keys such as {sorted(sd)[:5]}")
+    if assumed:
+        where = "the state dict" if isinstance(path_or_state_dict, dict) else path_or_state_dict
+        print(f"note: {where} does not say its activation; assuming gelu (OpenAI's: --activation quick_gelu)")
     # a diverged run's weights would evaluate to plausible-looking numbers: refuse them
     bad = [k for k, v in sd.items()
            if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]

@@ -315,8 +315,6 @@ class Checkpoint:
 
 
 def load_checkpoint(path, label, args):
-    if not os.path.isfile(path):
-        raise UsageError(f"--checkpoint {path}: no such file")
     heads = args.heads if args.text_heads is None else (args.heads, args.text_heads)
     try:
         obj = A.read_checkpoint(path)
@@ -809,7 +807,7 @@ def options():
     g = p.add_argument_group("models")
     g.add_argument("--checkpoint", action="append", required=True, metavar="PATH", help="repeat to compare")
     g.add_argument("--label", action="append", help="of each --checkpoint; runs sharing one: mean +- std")
-    g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu", help="OpenAI: quick_gelu")
+    g.add_argument("--activation", choices=["gelu", "quick_gelu"], help="default: the file's, else gelu")
     g.add_argument("--tokenizer", metavar="MERGES", help="BPE merges file for foreign checkpoints")
     g.add_argument("--heads", type=int, help="attention heads of a foreign checkpoint of no released shape")
     g.add_argument("--text-heads", type=int, help="its text tower's, if not --heads")

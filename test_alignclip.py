@@ -20,6 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 import pytest
+from safetensors.torch import save_file
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -691,6 +692,181 @@ def test_non_finite_weights_are_refused(tmp_path):
     sd["visual.proj"][1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         A.load_model(sd, heads=(2, 1))
+
+
+# ----------------------------------------------------------------------------- other formats: hub folders,
+# transformers' CLIPModel, OpenAI's TorchScript archives, and one line for what cannot be read
+def _openclip_folder(folder, model, files=("open_clip_model.safetensors",)):
+    """An OpenCLIP hub folder of our two-tower `model`: open_clip_config.json beside the weight files."""
+    c = model.config
+    cfg = {"embed_dim": c.embed_dim, "quick_gelu": c.activation == "quick_gelu",
+           "vision_cfg": {"width": c.width, "layers": c.layers, "head_width": c.width // c.heads,
+                          "patch_size": c.patch_size, "image_size": c.image_size},
+           "text_cfg": {"width": c.text_width, "heads": c.text_heads, "layers": c.text_layers,
+                        "context_length": c.context_length, "vocab_size": c.vocab_size}}
+    os.makedirs(folder)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    sd = A._openclip_names(model.state_dict())
+    for name in files:
+        save_file(sd, folder / name) if name.endswith(".safetensors") else torch.save(sd, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_openclip_hub_folder_gives_its_heads_and_activation(tmp_path, weights):
+    torch.manual_seed(0)
+    # heads 16 and 12 wide, not 64: read from the config, or the outputs differ
+    model = A.CLIP(tiny_config(shared=False, heads=4, text_heads=4, activation="quick_gelu")).eval()
+    images, tokens = torch.randn(2, 3, 32, 32), tokens_with_eot(2, 16, 299, seed=1)
+    loaded = A.load_model(_openclip_folder(tmp_path / "hub", model, [weights])).eval()
+    assert (loaded.config.heads, loaded.config.text_heads, loaded.config.activation) == (4, 4, "quick_gelu")
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images, tokens)[:2], loaded(images, tokens)[:2]))
+    with pytest.raises(ValueError, match="activation='gelu' contradicts the file, whose config says 'quick_gelu'"):
+        A.load_model(tmp_path / "hub", activation="gelu")
+    # with both files, the safetensors one is read, as open_clip does
+    other = A.CLIP(tiny_config(shared=False, heads=4, text_heads=4, activation="quick_gelu"))
+    both = _openclip_folder(tmp_path / "both", model, ["open_clip_model.safetensors"])
+    torch.save(A._openclip_names(other.state_dict()), both / "open_clip_pytorch_model.bin")
+    assert torch.equal(A.load_model(both).projection, model.projection)
+
+
+def _transformers_clip(act):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    text = dict(vocab_size=400, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=398, eos_token_id=399, pad_token_id=0, hidden_act=act)
+    vision = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                  patch_size=8, hidden_act=act)   # heads 32 and 16 wide: not in any table
+    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    for p in hf.parameters():   # non-trivial LayerNorm gains and biases too
+        p.data.add_(0.05 * torch.randn_like(p))
+    return hf.eval()
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_transformers_clip_folders_and_files_match_transformers(tmp_path, capsys, act):
+    hf = _transformers_clip(act)
+    hf.save_pretrained(tmp_path / "new")                 # config.json + model.safetensors
+    old = tmp_path / "old"                               # older transformers: pytorch_model.bin with position_ids
+    old.mkdir()
+    (old / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    ids = {f"{t}_model.embeddings.position_ids": torch.arange(n)[None] for t, n in (("text", 16), ("vision", 17))}
+    torch.save(dict(hf.state_dict(), **ids), old / "pytorch_model.bin")
+    torch.manual_seed(1)
+    images, tokens = torch.randn(3, 3, 32, 32), tokens_with_eot(3, 16, 399, seed=2)
+    with torch.no_grad():
+        feats = hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=tokens)
+        want = [F.normalize(f if torch.is_tensor(f) else f.pooler_output, dim=-1) for f in feats]   # v4 / v5
+        for source, options in ((tmp_path / "new", {}), (old, {}),   # the folders say heads and activation
+                                (tmp_path / "new" / "model.safetensors", {"heads": (3, 4), "activation": act})):
+            model = A.load_model(source, **options).eval()
+            assert (model.config.heads, model.config.text_heads, model.config.activation) == (3, 4, act), source
+            got = model(images, tokens)[:2]
+            assert all((g - w).abs().max() < 1e-6 for g, w in zip(got, want)), source
+    assert capsys.readouterr().out == ""
+    # a bare file does not say its activation: gelu, and a note naming the file
+    assert A.load_model(old / "pytorch_model.bin", heads=(3, 4)).config.activation == "gelu"
+    assert capsys.readouterr().out == f"note: {old / 'pytorch_model.bin'} does not say its activation; assuming " \
+                                      "gelu (OpenAI's: --activation quick_gelu)\n"
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "quick_gelu" if act == "gelu" else "gelu"
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"old/config.json: hidden_act \['gelu', 'quick_gelu'\], not one of"):
+        A.load_model(old)
+
+
+def _scripted(sd, extra):
+    """A TorchScript archive like OpenAI's release files: a scripted module whose state dict is `sd`."""
+    root = torch.nn.Module()
+    for k, v in dict(sd, **extra).items():
+        *parents, name = k.split(".")
+        m = root
+        for part in parents:
+            if not hasattr(m, part):
+                m.add_module(part, torch.nn.Module())
+            m = getattr(m, part)
+        m.register_buffer(name, v.clone()) if k in extra else m.register_parameter(name, torch.nn.Parameter(v.clone()))
+    return torch.jit.script(root)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")   # deprecated, but what OpenAI released
+def test_openai_torchscript_archive_is_read_as_quick_gelu(tmp_path):
+    sd = random_foreign_state_dict("openclip")
+    extra = {"attn_mask": torch.full((16, 16), float("-inf")).triu(1), "input_resolution": torch.tensor(32)}
+    torch.jit.save(_scripted(sd, extra), tmp_path / "ViT-tiny.pt")
+    model = A.load_model(tmp_path / "ViT-tiny.pt", heads=(2, 1)).eval()   # no activation= needed
+    assert model.config.activation == "quick_gelu"
+    ours = A.load_model(sd, activation="quick_gelu", heads=(2, 1)).eval()   # the same weights as a state dict
+    images, tokens = torch.randn(3, 3, 32, 32), tokens_with_eot(3, 16, 399, seed=2)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images, tokens)[:2], ours(images, tokens)[:2]))
+        assert (model(images, tokens)[0] - A.load_model(sd, heads=(2, 1))(images, tokens)[0]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="activation='gelu' contradicts the file, whose config says 'quick_gelu'"):
+        A.load_model(tmp_path / "ViT-tiny.pt", activation="gelu", heads=(2, 1))
+
+
+def test_the_activation_comes_from_the_file_or_is_noted(tmp_path, capsys):
+    path = tmp_path / "openclip.pt"
+    torch.save(random_foreign_state_dict("openclip"), path)
+    assert A.load_model(str(path), heads=(2, 1)).config.activation == "gelu"
+    assert capsys.readouterr().out == (f"note: {path} does not say its activation; assuming gelu "
+                                       "(OpenAI's: --activation quick_gelu)\n")
+    assert A.load_model(str(path), activation="quick_gelu", heads=(2, 1)).config.activation == "quick_gelu"
+    model = A.CLIP(tiny_config(activation="quick_gelu"))
+    A.atomic_write(tmp_path / "ours.pt", {"config": dataclasses.asdict(model.config), "model": model.state_dict()})
+    assert A.load_model(tmp_path / "ours.pt").config.activation == "quick_gelu"   # our config says it
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="activation='gelu' contradicts the file, whose config says 'quick_gelu'"):
+        A.load_model(tmp_path / "ours.pt", activation="gelu")
+
+
+class _Evil:
+    def __reduce__(self):   # what a malicious checkpoint holds: weights_only=True refuses to call it
+        return (os.system, ("echo this must never run",))
+
+
+def test_unreadable_checkpoints_give_one_line(tmp_path, recwarn):
+    folder = ("a folder without weights this loader reads (looked for open_clip_config.json with "
+              "open_clip_model.safetensors or open_clip_pytorch_model.bin; config.json with model.safetensors "
+              "or pytorch_model.bin)")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unrelated").mkdir()
+    (tmp_path / "unrelated" / "config.json").write_text("{}")     # a config, but no weights beside it
+    (tmp_path / "unrelated" / "notes.txt").write_text("hello\n")
+    good = tmp_path / "good.pt"
+    torch.save(random_foreign_state_dict("shared"), good)
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:2000])
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.jpg")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "notes.safetensors").write_text("hello\n")
+    torch.save({"w": _Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "evil4.pt").write_bytes(pickle.dumps({"w": _Evil()}, protocol=4))
+    expected = {"empty": folder, "unrelated": folder, "truncated.pt": "(RuntimeError: PytorchStreamReader failed",
+                "cat.jpg": "(UnpicklingError: Unsupported operand 255)", "notes.txt": "not a readable weights file",
+                "notes.safetensors": "(SafetensorError: ", "evil.pt": "(UnpicklingError: Trying to load unsupported "
+                "GLOBAL", "evil4.pt": "(UnpicklingError: Unsupported operand"}
+    for name, what in expected.items():
+        with pytest.raises(ValueError) as e:
+            A.load_model(tmp_path / name)
+        message = str(e.value)
+        assert message.startswith(f"{tmp_path / name}: ") and what in message, message
+        assert "\n" not in message and "weights_only" not in message, message
+    assert not recwarn.list   # nor torch's warning of a pickle protocol it did not write
+
+
+def test_eval_and_train_take_a_hub_folder(ev, tmp_path, one_thread):
+    torch.manual_seed(5)
+    tok = ev["tok"]
+    model = A.CLIP(tiny_config(shared=False, heads=4, text_heads=4, activation="quick_gelu",
+                               vocab_size=tok.vocab_size, eot_id=tok.eot_id))
+    hub = _openclip_folder(tmp_path / "hub", model)
+    A.atomic_write(tmp_path / "same.pt", {"config": dataclasses.asdict(model.config), "model": model.state_dict()})
+    res = run_eval(ev, "alignment", "--datasets", "synthetic", "--tokenizer", ev["merges"], out="hub",
+                   checkpoints=(str(hub), str(tmp_path / "same.pt")))
+    assert res["Synthetic"]["hub"] == res["Synthetic"]["same"] and 0 < res["Synthetic"]["hub"]["alignment"] < 1
+    init, own = T.load_init(T.parse_args(["--init-from", str(hub), "--model", "clip"]))
+    assert own is None and (init.config.heads, init.config.activation) == (4, "quick_gelu")
 
 
 def test_atomic_write_writes_bytes_text_and_objects_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):

@@ -52,8 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from these weights (any file load_model reads: our checkpoints, the authors', "
                         "OpenCLIP/OpenAI); --model must name its architecture, --preset is ignored")
-    g.add_argument("--activation", choices=["gelu", "quick_gelu"], default="gelu",
-                   help="MLP activation (OpenAI's released weights: quick_gelu)")
+    g.add_argument("--activation", choices=["gelu", "quick_gelu"], default=None,
+                   help="MLP activation (default: --init-from's if it says, else gelu; OpenAI's: quick_gelu)")
     g.add_argument("--separate", choices=["image", "text", "both"], default="image",
                    help="which modality IMSep pushes apart (AlignCLIP: image)")
     g.add_argument("--no-rescale", action="store_true",
@@ -160,6 +160,7 @@ def check_args(args):
         fail(f"error: --data {args.data} is .tar shards, which have no length: give --train-num-samples N, "
              "the pairs in one epoch")
     if args.init_from is None:
+        args.activation = args.activation or "gelu"   # a new model; --init-from: the file's, else its note
         try:
             A.ModelConfig.preset(args.preset)
         except ValueError as e:
