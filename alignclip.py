@@ -1074,7 +1074,6 @@ import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file as load_safetensors
 from torch.utils.data import get_worker_info, IterableDataset, Sampler
 try:  # deprecated since torchvision 0.29 (TorchCodec takes over); read_image uses PIL if they are gone
     from torchvision.io import decode_image, ImageReadMode
@@ -1120,7 +1119,7 @@ _HUB_FILES = {"open_clip_config.json": ("open_clip_model.safetensors", "open_cli
 
 
 def _read_hub_folder(path) -> dict:
-    """{"state_dict", "activation", "heads"} of an OpenCLIP or transformers folder,, as their loaders do."""
+    """{"state_dict", "activation", "heads"} of an OpenCLIP or transformers folder, as their loaders do."""
     found = [(c, w) for c, ws in _HUB_FILES.items() for w in ws
              if os.path.isfile(os.path.join(path, c)) and os.path.isfile(os.path.join(path, w))]
     if not found:
@@ -1154,7 +1153,8 @@ def read_checkpoint(path) -> dict:
         with warnings.catch_warnings():   # torch warns that TorchScript is deprecated and of pickle
             warnings.simplefilter("ignore")   # protocols it did not write: noise to someone reading weights
             if path.endswith(".safetensors"):
-                return load_safetensors(path)
+                from safetensors.torch import load_file   # here: --selfcheck needs only torch, torchvision
+                return load_file(path)
             if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl")   # TorchScript, not a pickle
                                                 for n in zipfile.ZipFile(path).namelist()):
                 sd = torch.jit.load(path, map_location="cpu").state_dict()  # attn_mask: a buffer, no weight
