@@ -1057,7 +1057,6 @@ from pathlib import Path
 import random
 import re
 import socket
-import stat
 import statistics
 import sys
 import tarfile
@@ -1097,11 +1096,9 @@ def atomic_write(path, data):
 def disk_full(error, path):
     """For a write to `path` that failed for lack of space (ENOSPC; torch.save says 'unexpected pos' or 'file
     write failed'), an OSError saying so in one line; else None."""
-    torch_says = re.search(r"unexpected pos|write failed", str(error))
-    if getattr(error, "errno", None) != errno.ENOSPC and not torch_says:
-        return None
-    return OSError(f"no space left on {os.path.dirname(os.path.abspath(path))}: {os.path.basename(path)} not "
-                   "written (nothing older was replaced); free some space")
+    if getattr(error, "errno", None) == errno.ENOSPC or re.search(r"unexpected pos|write failed", str(error)):
+        return OSError(f"no space left on {os.path.dirname(os.path.abspath(path))}: {os.path.basename(path)} "
+                       "not written (nothing older was replaced); free some space")
 
 
 def pid_alive(pid):
@@ -1318,8 +1315,8 @@ def read_image(source):
     """uint8 (3, height, width) RGB tensor from a path or bytes, or None: torchvision decodes JPEG, PNG,
     WebP and GIF (first frame), PIL the rest; 16-bit samples keep their high byte, never a clip at 255."""
     try:
-        if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
-            return None                 # a folder, FIFO or device: opening a FIFO would block
+        if not isinstance(source, bytes) and not os.path.isfile(source):
+            return None                 # missing, or a folder, FIFO or device (opening a FIFO would block)
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         if decode_image is not None:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -1902,7 +1899,7 @@ class SemanticCache:
                 e = cache.embeddings
                 damage = ("shape or dtype" if e.dtype != np.float16 or e.ndim != 2 or len(e) != len(rows) else
                           "caption hashes" if not np.array_equal(cache.hashes, hashes) else
-                          "checksum" if Path(crc_path).read_text() != str(_crc32(e)) else None)
+                          "checksum" if Path(crc_path).read_text() != str(zlib.crc32(e)) else None)
             except (OSError, ValueError, EOFError) as err:  # a file missing, cut short, not an array
                 damage = str(err)
             if damage is None:
@@ -1920,13 +1917,13 @@ class SemanticCache:
         try:  # plain writes, not a memmap: a full disk is an error here, not a SIGBUS later
             with open(tmp, "wb") as f:
                 for lo in range(0, len(rows), chunk):
-                    e = np.asarray(encoder.encode(rows[lo:lo + chunk], batch_size=batch_size,
-                                                  convert_to_numpy=True), dtype="<f2")   # (chunk, d_s)
+                    e = encoder.encode(rows[lo:lo + chunk], batch_size=batch_size, convert_to_numpy=True)
+                    e = np.ascontiguousarray(e, dtype="<f2")                                # (chunk, d_s)
                     if lo == 0:
                         np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False,
                                                                  "shape": (len(rows), e.shape[1])})
-                    f.write(e.tobytes())
-                    crc = zlib.crc32(e.tobytes(), crc)
+                    f.write(e)
+                    crc = zlib.crc32(e, crc)
                     bar.update(len(e))
             np.save(tmp_hashes, hashes)
             os.replace(tmp_hashes, hash_path)
@@ -1953,14 +1950,6 @@ class SemanticCache:
                              f"{captions[int(np.argmax(missing))]!r}; build the cache from every caption "
                              "the data can yield (dataset.caption_list())")
         return torch.from_numpy(self.embeddings[rows].astype(np.float32))  # (B, d_s)
-
-
-def _crc32(array):
-    """zlib's CRC-32 of an array's bytes, read in slices of 64k rows (a memmap is never read whole)."""
-    crc = 0
-    for lo in range(0, len(array), 1 << 16):
-        crc = zlib.crc32(np.ascontiguousarray(array[lo:lo + (1 << 16)]), crc)
-    return crc
 
 
 # -----------------------------------------------------------------------------

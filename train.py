@@ -72,8 +72,7 @@ def parse_args(argv=None):
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (built in), a .csv/.tsv of image paths and captions, or .tar shards "
                         "('shards/{00000..00099}.tar')")
-    g.add_argument("--val-data", default=None,
-                   help="validation pairs, a .csv/.tsv (default with --data synthetic: its validation scenes)")
+    g.add_argument("--val-data", default=None, help="validation pairs, a .csv/.tsv (synthetic: its own)")
     g.add_argument("--train-size", type=int, default=20000, help="synthetic: number of training images")
     g.add_argument("--val-size", type=int, default=1000, help="synthetic: number of validation images")
     g.add_argument("--train-num-samples", type=int, default=None,
@@ -174,8 +173,8 @@ def check_args(args):
                                  ("--semantic-model", args.semantic_model is not None),
                                  ("--alpha", args.alpha != 1 and args.model != "alignclip")) if given]
     if args.beta == 0 and unused and int(os.environ.get("RANK", 0)) == 0:   # e.g. a sweep's common options
-        print(f"warning: {', '.join(unused)} act on IMSep, which --model {args.model} with --beta 0 leaves out: "
-              "ignored", file=sys.stderr)
+        print(f"warning: {', '.join(unused)} act on IMSep, which --model {args.model} with --beta 0 leaves "
+              "out: ignored", file=sys.stderr)
 
 
 def shards(data):
@@ -308,8 +307,8 @@ def build_sources(args, image_size):
             first = pairs.paths[:100]
             if first and not any((pairs.root / p).is_file() for p in first):
                 raise FileNotFoundError(f"{option} {path}: none of its first {len(first)} image paths exist "
-                                        f"relative to {pairs.root} (e.g. {pairs.root / first[0]}); write them "
-                                        "relative to the CSV's folder, or absolute")
+                                        f"relative to {pairs.root} (e.g. {pairs.root / first[0]}); write "
+                                        "them relative to the CSV's folder, or absolute")
             if option == "--val-data" and all(pairs[i] is None for i in range(len(pairs))):  # to the first
                 raise ValueError(f"--val-data {path}: none of its {len(pairs)} pairs can be read (images "
                                  "undecodable, or no caption)")
@@ -480,8 +479,7 @@ def setup(args):
 
 
 def take_lock(folder):
-    """Keep a second live run out of `folder`: folder/lock holds this pid (main removes it at exit); the
-    lock of a process that has ended (killed) is taken over."""
+    """One live run per folder: folder/lock holds its pid (main removes it); a killed run's is taken over."""
     lock = os.path.join(folder, "lock")
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
