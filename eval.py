@@ -340,7 +340,7 @@ def embed(ck, s, args):
     "metrics", "image" (n, d), "text" (pairs, d) of the raw captions and "owner" (pairs,), the image of
     each caption; other sets: "image" (n, d). With classes, "y" (n,): the class of each image."""
     if s.classnames is not None and len(s.classnames) < 2:
-        raise UsageError(f"{s.name} has {len(s.classnames)} class: its accuracy would mean nothing")
+        raise UsageError(f"{s.name} has {len(s.classnames)} class: accuracy needs at least two")
     if s.key not in ck.memo:
         items = s.items(ck.model.config.image_size) if callable(s.items) else s.items
         print(f"{ck.label}: encoding {s.key} ({len(items)} images)", flush=True)

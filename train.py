@@ -173,8 +173,8 @@ def check_args(args):
                                  ("--semantic-model", args.semantic_model is not None),
                                  ("--alpha", args.alpha != 1 and args.model != "alignclip")) if given]
     if args.beta == 0 and unused and int(os.environ.get("RANK", 0)) == 0:   # e.g. a sweep's common options
-        print(f"warning: {', '.join(unused)} act on IMSep, which --model {args.model} with --beta 0 leaves "
-              "out: ignored", file=sys.stderr)
+        print(f"warning: {', '.join(unused)} ignored: --model {args.model} with --beta 0 has no IMSep term for "
+              "them", file=sys.stderr)
 
 
 def shards(data):
