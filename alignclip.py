@@ -1056,6 +1056,7 @@ def evaluate(model, tokenizer, dataset, device="cpu", batch_size=256, workers=0,
 import argparse
 import colorsys
 import csv
+import errno
 import hashlib
 import importlib.util
 import io
@@ -1064,6 +1065,7 @@ import os
 from pathlib import Path
 import random
 import re
+import socket
 import statistics
 import sys
 import tarfile
@@ -1071,6 +1073,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -1092,9 +1095,28 @@ def atomic_write(path, data):
         else:
             torch.save(data, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise disk_full(e, path) or e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def disk_full(error, path):
+    """For a write to `path` that failed for lack of space (ENOSPC; torch.save says 'unexpected pos' or 'file
+    write failed'), an OSError saying so in one line; else None."""
+    if getattr(error, "errno", None) == errno.ENOSPC or re.search(r"unexpected pos|write failed", str(error)):
+        return OSError(f"no space left on {os.path.dirname(os.path.abspath(path))}: {os.path.basename(path)} "
+                       "not written (nothing older was replaced); free some space")
+
+
+def pid_alive(pid):
+    """Whether process `pid` runs on this machine (signal 0 only checks; EPERM: another user's, alive)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError as e:
+        return not isinstance(e, ProcessLookupError)
 
 
 def format_metrics(metrics):
@@ -1383,6 +1405,8 @@ def read_image(source):
     """uint8 (3, height, width) RGB tensor from a path or bytes, or None: torchvision decodes JPEG, PNG,
     WebP and GIF (first frame), PIL the rest; 16-bit samples keep their high byte, never a clip at 255."""
     try:
+        if not isinstance(source, bytes) and not os.path.isfile(source):
+            return None                 # missing, or a folder, FIFO or device (opening a FIFO would block)
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         if decode_image is not None:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -1622,8 +1646,10 @@ class CsvPairs(Dataset):
             raise FileNotFoundError(f"CSV file not found: {path}")
         how = options or {"image_key": "image_key=", "caption_key": "caption_key=", "sep": "sep="}
         sep = sep or ("\t" if path.suffix.lower() == ".tsv" else ",")
+        if len(sep) != 1:
+            raise ValueError(f"the CSV separator must be one character, not {sep!r} ({how['sep']})")
         try:
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no column
                 reader = csv.reader(f, delimiter=sep)
                 header = next(reader, [])
                 for key, role in ((image_key, "image"), (caption_key, "caption")):
@@ -1647,7 +1673,8 @@ class CsvPairs(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        img = read_image(self.root / self.paths[i]) if self.texts[i] else None  # absolute: root ignored
+        usable = clean_text(self.texts[i])  # as the tokenizer sees it: "\x00\ufeff" is no caption
+        img = read_image(self.root / self.paths[i]) if usable else None  # absolute: root ignored
         return None if img is None else (img, self.texts[i])
 
     def captions(self, i):
@@ -1667,7 +1694,8 @@ def expand_braces(pattern):
 def _tar_groups(url, only=None):
     """Yield (key, {extension: bytes}) for runs of members sharing a key ('dir/0001.jpg': 'dir/0001',
     'jpg'), read as a stream; only= the extensions to read (a plain tar then seeks past the others). A
-    damaged shard warns and ends with one (key, None), so that the loss is counted."""
+    damaged shard warns and ends with one (key, None), so that the loss is counted; a key twice in a row is
+    an error (WebDataset's too: one of the two samples would be lost)."""
     key, group, damage = None, {}, None
     try:
         with open(url, "rb") as f:  # gzip, bzip2, xz or zstd data: no seeking past members
@@ -1682,10 +1710,17 @@ def _tar_groups(url, only=None):
                         yield key, group
                     key, group = m.group(1), {}
                 ext = m.group(2).lower()
-                if only is None or ext in only:
-                    group[ext] = tar.extractfile(member).read()
-            # tarfile ends silently at a bad header: a whole tar has only zeros after its last member
-            if getattr(tar.fileobj, "comptype", "tar") == "tar":  # compressed: a cut fails to decompress
+                if ext in group:
+                    raise ValueError(f"shard {url}: the key {key!r} occurs twice ({member.name}); give every "
+                                     "sample a key of its own")
+                group[ext] = tar.extractfile(member).read() if only is None or ext in only else None
+            # tarfile ends silently at a bad header: a whole tar has only zeros after its last member;
+            # compressed, a cut at a header is as silent: the decompressor must reach its end-of-stream mark
+            if getattr(tar.fileobj, "comptype", "tar") != "tar":
+                while tar.fileobj.read(1 << 20):
+                    pass
+                damage = None if tar.fileobj.cmp.eof else "compressed data cut short"
+            else:
                 with open(url, "rb") as f:
                     f.seek(tar.offset)
                     rest = f.read(1 << 20)
@@ -1754,7 +1789,7 @@ class TarShards(IterableDataset):
     def _decode(self, url, key, parts, epoch):
         ext = next((e for e in self.image_exts if e in parts), None) if parts is not None else None
         caption = parts["txt"].decode("utf-8", errors="replace").strip() if ext and "txt" in parts else ""
-        img = read_image(parts[ext]) if caption else None
+        img = read_image(parts[ext]) if clean_text(caption) else None   # "\x00\ufeff" is no caption
         if img is None:
             return None
         if self.transform is not None:  # None: e.g. for looking at the data
@@ -1872,14 +1907,16 @@ def default_semantic_model():
 def load_sentence_encoder(name_or_path, device="cpu"):
     """A SentenceTransformer from a local folder, or a hub name (the local cache first, then a download)."""
     from sentence_transformers import SentenceTransformer  # imported here: only the cache needs it
-    error = None
+    error, what = None, "a sentence-transformers model folder holds modules.json and config.json"
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "modules.json")):
+        raise ValueError(f"sentence encoder folder {name_or_path} has no modules.json: {what}")
     for local_only in ([True] if os.path.isdir(name_or_path) else [True, False]):
         try:
             return SentenceTransformer(str(name_or_path), device=device, local_files_only=local_only)
         except Exception as e:  # noqa: PERF203  (what a model folder or the hub raises varies)
             error = e
-    raise RuntimeError(f"could not load sentence encoder {name_or_path!r} ({type(error).__name__}: {error}); "
-                       "offline, pass a local model folder, e.g. default_semantic_model()") from None
+    raise ValueError(f"could not load sentence encoder {name_or_path!r}: no such folder, nor a hub model "
+                     f"this machine has or can fetch ({type(error).__name__}); {what}") from None
 
 
 def caption_hashes(captions):
@@ -1901,7 +1938,8 @@ def writable_folder(path):
 class SemanticCache:
     """caption -> sentence embedding, memory-mapped from two files named by a hash of (model, captions):
     semantic-<hash>.npy (captions, d_s) float16, and semantic-<hash>.hashes.npy, the sorted caption_hashes
-    of its rows, which lookup() searches: no caption -> row dict, whatever the number of captions."""
+    of its rows, which lookup() searches: no caption -> row dict, whatever the number of captions. A third,
+    semantic-<hash>.crc32, is the embeddings' checksum: build() reuses only a cache that passes its checks."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -1947,26 +1985,51 @@ class SemanticCache:
         build; encoder=: any .encode(texts, batch_size=, convert_to_numpy=True); `model` then names it."""
         model = default_semantic_model() if model is None else str(model)
         rows, hashes, emb_path, hash_path = cls._files(captions, model, cache_dir)
-        if os.path.isfile(emb_path) and os.path.isfile(hash_path):
-            return cls(emb_path)
+        crc_path = emb_path[:-len(".npy")] + ".crc32"
+        if os.path.isfile(emb_path):
+            try:
+                cache = cls(emb_path)
+                e = cache.embeddings
+                damage = ("shape or dtype" if e.dtype != np.float16 or e.ndim != 2 or len(e) != len(rows) else
+                          "caption hashes" if not np.array_equal(cache.hashes, hashes) else
+                          "checksum" if Path(crc_path).read_text() != str(zlib.crc32(e)) else None)
+            except (OSError, ValueError, EOFError) as err:  # a file missing, cut short, not an array
+                damage = str(err)
+            if damage is None:
+                return cache
+            print(f"note: the semantic cache {emb_path} is damaged ({damage}); encoding the captions again")
         writable_folder(cache_dir)  # before loading the encoder and encoding anything
+        host = socket.gethostname()
+        for stale in Path(cache_dir).glob(f"semantic-*.{host}.*.tmp.npy"):  # a killed build's on this machine
+            if not pid_alive(int(stale.name.split(".")[-3])):
+                stale.unlink(missing_ok=True)
         encoder = encoder if encoder is not None else load_sentence_encoder(model, device)
-        tmp, tmp_hashes = f"{emb_path}.{os.getpid()}.tmp.npy", f"{hash_path}.{os.getpid()}.tmp.npy"
+        tmp, tmp_hashes = (f"{p}.{host}.{os.getpid()}.tmp.npy" for p in (emb_path, hash_path))
         from tqdm import tqdm
         bar = tqdm(total=len(rows), desc="encoding captions", unit="caption", disable=not show_progress)
-        out, chunk = None, batch_size * 8
-        for lo in range(0, len(rows), chunk):
-            e = np.asarray(encoder.encode(rows[lo:lo + chunk], batch_size=batch_size, convert_to_numpy=True))
-            if out is None:  # written straight to disk: the caption set may not fit in memory
-                out = np.lib.format.open_memmap(tmp, "w+", dtype=np.float16, shape=(len(rows), e.shape[1]))
-            out[lo:lo + len(e)] = e                                                       # (n, d_s)
-            bar.update(len(e))
-        bar.close()
-        out.flush()
-        del out
-        np.save(tmp_hashes, hashes)
-        os.replace(tmp_hashes, hash_path)
-        os.replace(tmp, emb_path)  # last: the embeddings file existing means the cache is complete
+        crc, chunk = 0, batch_size * 8
+        try:  # plain writes, not a memmap: a full disk is an error here, not a SIGBUS later
+            with open(tmp, "wb") as f:
+                for lo in range(0, len(rows), chunk):
+                    e = encoder.encode(rows[lo:lo + chunk], batch_size=batch_size, convert_to_numpy=True)
+                    e = np.ascontiguousarray(e, dtype="<f2")                                # (chunk, d_s)
+                    if lo == 0:
+                        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False,
+                                                                 "shape": (len(rows), e.shape[1])})
+                    f.write(e)
+                    crc = zlib.crc32(e, crc)
+                    bar.update(len(e))
+            np.save(tmp_hashes, hashes)
+            os.replace(tmp_hashes, hash_path)
+            os.replace(tmp, emb_path)  # the embeddings file existing means the cache is complete
+            atomic_write(crc_path, str(crc))
+        except OSError as err:
+            raise disk_full(err, emb_path) or err
+        finally:  # also on Ctrl-C: no temporary is left behind
+            bar.close()
+            for path in (tmp, tmp_hashes):
+                if os.path.exists(path):
+                    os.remove(path)
         return cls(emb_path)
 
     def lookup(self, captions):

@@ -214,7 +214,7 @@ def imagenet_set(name, args, split):
     if not classes or len(classes) != len(names) or numbered != (name == "imagenet-v2"):
         raise MissingData(f"{display}: expected {root}/ with {layout} (found {len(classes)} folders); "
                           f"set {option} DIR (or --data-root)")
-    ds = ImageFolder(root)
+    ds = ImageFolder(root, loader=A.read_image)   # an unreadable file: None, skipped and counted
     # V2's folders are class indices, which ImageFolder sorts as text ("10" before "2"): map them back
     targets = [int(ds.classes[t]) for t in ds.targets] if name == "imagenet-v2" else ds.targets
     return [EvalSet(display, f"{name}:{split}", ds, classnames=list(names), targets=targets,
@@ -337,6 +337,8 @@ def embed(ck, s, args):
     """What the tasks read of set s under checkpoint ck, computed once per run. Caption sets: A.evaluate's
     "metrics", "image" (n, d), "text" (pairs, d) of the raw captions and "owner" (pairs,), the image of
     each caption; other sets: "image" (n, d). With classes, "y" (n,): the class of each image."""
+    if s.classnames is not None and len(s.classnames) < 2:
+        raise UsageError(f"{s.name} has {len(s.classnames)} class: accuracy needs at least two")
     if s.key not in ck.memo:
         items = s.items(ck.model.config.image_size) if callable(s.items) else s.items
         print(f"{ck.label}: encoding {s.key} ({len(items)} images)", flush=True)
@@ -350,9 +352,15 @@ def embed(ck, s, args):
             else:
                 Ev, kept = A.embed_images(ck.model, items, args.device, args.batch_size, args.workers,
                                           progress=True)
+                if not kept:
+                    raise ValueError(f"none of its {len(items)} images could be read")
                 ck.memo[s.key] = {"image": Ev, "kept": kept}
         except ValueError as e:   # e.g. not one image of the set could be read
             raise UsageError(f"{s.name}: {e}") from None
+        e = ck.memo[s.key]
+        e["skipped"] = len(items) - len(e["image"])   # unreadable: printed, and in the JSON
+        if e["skipped"]:
+            print(f"{ck.label}: {s.key}: {e['skipped']} of {len(items)} images could not be read: skipped")
     e = ck.memo[s.key]
     y = None if s.targets is None else torch.tensor(s.targets)
     return e if y is None else dict(e, y=y if e["kept"] is None else y[e["kept"]])
@@ -576,6 +584,8 @@ def finetune(ck, train, args):
     name = train.key.split(":")[0]
     folder = os.path.join(args.out, "finetune", re.sub(r"\W+", "_", ck.label) + "-" + name)
     os.makedirs(folder, exist_ok=True)
+    if os.path.exists(os.path.join(folder, "last.pt")):   # each fine-tuning starts anew: train.py refuses
+        os.remove(os.path.join(folder, "last.pt"))          # to overwrite a run by accident
     init = ck.path if ck.options else os.path.join(folder, "init.pt")
     if not ck.options:   # a foreign file, saved in our format: train.py then needs no --heads or --activation
         A.atomic_write(init, {"model": {k: v.cpu() for k, v in ck.model.state_dict().items()}, "args": {},
@@ -921,7 +931,8 @@ def main(argv=None):
             model_table(f"{task} ({', '.join(keys)}): mean +- sample std over each --label's runs", per_set,
                         lambda m: ", ".join(f"{m[k][0]:{f}} +- {m[k][1]:{f}}" for k in keys))
         results["mean_std"] = stats
-    results = {"command": args.command, "checkpoints": {ck.label: ck.path for ck in cks}, **results}
+    results = {"command": args.command, "checkpoints": {ck.label: ck.path for ck in cks}, **results,
+               "unreadable_images": {ck.label: {k: e["skipped"] for k, e in ck.memo.items()} for ck in cks}}
     A.atomic_write(os.path.join(args.out, name), json.dumps(results, indent=2))
     print(f"wrote {os.path.join(args.out, name)}")
     return results

@@ -3026,8 +3026,12 @@ def test_a_csv_validation_set_is_scored_by_evaluate(tmp_path, monkeypatch):
 
 
 def _bad_csv(folder, good, bad):
-    """A CSV of `good` readable images and `bad` rows naming files that do not exist."""
-    rows = _write_pairs(folder, good)[:good] + [(f"gone{i}.png", f"a missing picture {i}") for i in range(bad)]
+    """A CSV of `good` readable images and `bad` rows naming files that cannot be decoded (train.py
+    refuses a CSV none of whose image files exist before any work: test_csv_image_paths_that_do_not_exist)."""
+    rows = _write_pairs(folder, good)[:good]
+    for i in range(bad):
+        (folder / f"gone{i}.png").write_bytes(b"not an image")
+        rows.append((f"gone{i}.png", f"an unreadable picture {i}"))
     with open(folder / "pairs.csv", "w") as f:
         f.write("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
     return str(folder / "pairs.csv")
@@ -3087,7 +3091,7 @@ def test_empty_batches_are_skipped_and_counted_and_empty_epochs_are_errors(tmp_p
               "--epochs", "1", out="mixed")
     last = records(out)[-1]
     assert last["step"] == 9 and last["empty_batches"] == last["skipped"] > 0
-    # every image missing: the epoch gives no batch, an error naming the data, not an endless loop
+    # every image unreadable: the epoch gives no batch, an error naming the data, not an endless loop
     with pytest.raises(SystemExit, match=r"pairs.csv: epoch 0 gave no batch: fewer usable pairs than one batch of 8") as e:
         run(tmp_path, "--model", "clip", "--data", _bad_csv(tmp_path / "gone", 0, 16), "--steps", "4", out="gone")
     assert e.value.code == 2 and not (tmp_path / "gone" / "last.pt").exists()
@@ -4042,3 +4046,361 @@ def test_selfcheck_needs_only_torch_and_torchvision():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == (
         "error: --selfcheck checks a GPU, and torch sees no CUDA device here"), done.stderr
+
+
+# ----------------------------------------------------------------------------- issue 25: nothing lost, silent or hung
+def _dead_pid():
+    """The pid of a process that has ended."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _no_work(monkeypatch):
+    """Fail a test if the tokenizer or the model is made: the error must come before any work."""
+    def too_late(*a, **k):
+        raise AssertionError("expensive setup started before the arguments were checked")
+    for name in ("train", "from_file"):
+        monkeypatch.setattr(A.Tokenizer, name, too_late)
+    monkeypatch.setattr(A, "CLIP", too_late)
+
+
+def test_a_new_run_never_overwrites_a_run_folder(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    run(tmp_path, "--model", "clip", "--steps", "4", "--stop-after", "2", out="r")
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    log = (tmp_path / "r" / "log.jsonl").read_text()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "clip", "--steps", "4", out="r")
+    assert e.value.code == 2 and "\n" not in str(e.value)
+    assert str(e.value) == (f"error: {tmp_path / 'r'} holds a run (step 2): --resume to continue it, or choose "
+                            "another --out")
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before and (tmp_path / "r" / "log.jsonl").read_text() == log
+    assert not (tmp_path / "r" / "lock").exists()                       # released on errors too
+    run(tmp_path, "--model", "clip", "--steps", "4", "--resume", out="r")
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["position"]["step"] == 4
+
+
+def test_a_lock_keeps_a_second_live_run_out_and_a_dead_runs_lock_is_taken_over(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "lock").write_text(str(os.getppid()))            # a live process holds the folder
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "clip", "--steps", "2", out="r")
+    assert e.value.code == 2 and f"is in use by a run (process {os.getppid()}" in str(e.value)
+    assert (tmp_path / "r" / "lock").read_text() == str(os.getppid())   # not ours: left alone
+    dead = _dead_pid()
+    (tmp_path / "r" / "lock").write_text(str(dead))                     # a run killed with SIGKILL
+    capsys.readouterr()
+    run(tmp_path, "--model", "clip", "--steps", "2", out="r")
+    assert f"taking over {tmp_path / 'r' / 'lock'} of process {dead}, which has ended" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "lock").exists()                       # released at the end
+
+    def held(*a, **k):                                                  # during the run: this pid
+        assert (tmp_path / "r2" / "lock").read_text() == str(os.getpid())
+        raise ValueError("stop here")
+    monkeypatch.setattr(T, "make_optimizer", held)
+    with pytest.raises(SystemExit, match="stop here"):
+        run(tmp_path, "--model", "clip", "--steps", "2", out="r2")
+    assert not (tmp_path / "r2" / "lock").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--grad-clip", "-1"], "--grad-clip > 0"),
+    (["--grad-clip", "0"], "--grad-clip > 0"),
+    (["--data", "CSV", "--csv-separator", ";;"], "--data: the CSV separator must be one character, not ';;' "
+                                                 "(--csv-separator)"),
+    (["--device", "gpu0"], "--device gpu0: not a device; use cpu, cuda or cuda:N"),
+    (["--device", "cuda"], "--device cuda: torch.cuda.is_available() is False here; use --device cpu"),
+])
+def test_options_are_checked_before_any_work(tmp_path, monkeypatch, argv, message):
+    small_preset(monkeypatch)
+    _no_work(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "p.csv").write_text("filepath,title\na.png,a cat\n")
+    argv = [a.replace("CSV", str(tmp_path / "p.csv")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "1", *argv)
+    assert e.value.code == 2 and "\n" not in str(e.value) and message in str(e.value)
+
+
+def test_imsep_options_that_the_model_ignores_are_said_to_be_ignored(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+    T.parse_args(["--model", "clip", "--separate", "both", "--no-rescale", "--alpha", "2"])
+    err = capsys.readouterr().err
+    assert ("warning: --separate, --no-rescale, --alpha ignored: --model clip with --beta 0 has no IMSep term "
+            "for them") in err
+    for quiet in (["--model", "clip", "--beta", "0.5", "--separate", "both"], ["--model", "alignclip"],
+                  ["--model", "shared"], ["--model", "alignclip", "--beta", "0", "--alpha", "2"]):
+        T.parse_args(quiet)
+        assert capsys.readouterr().err == "", quiet
+
+
+def test_captions_that_clean_to_nothing_are_skipped_and_counted(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    blank = "\x01\ufeff\x02 \x7f"                                       # control characters and a BOM only
+    assert blank.strip() and A.clean_text(blank) == ""
+    (tmp_path / "p.csv").write_text(f"filepath,title\na.png,a cat\na.png,{blank}\n", encoding="utf-8")
+    pairs = A.CsvPairs(tmp_path / "p.csv")
+    assert pairs[0] is not None and pairs[1] is None                   # skipped, and Collate counts it
+    _write_shard(tmp_path / "s.tar", [("0", {"png": _image_bytes((1, 2, 3)), "txt": b"a dog"}),
+                                      ("1", {"png": _image_bytes((1, 2, 3)), "txt": blank.encode()})])
+    shards = A.TarShards(str(tmp_path / "s.tar"), None, shuffle=False)
+    assert [s is None for s in shards] == [False, True]
+
+
+def test_csv_header_bom_and_a_csv_named_like_a_shard(tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "x.tar.csv").write_text("\ufefffilepath,title\na.png,a cat\n", encoding="utf-8")
+    pairs = A.CsvPairs(tmp_path / "x.tar.csv")                          # a BOM is no part of the first column
+    assert len(pairs) == 1 and pairs[0][1] == "a cat"
+    args = T.parse_args(["--data", str(tmp_path / "x.tar.csv")])        # no --train-num-samples: a CSV
+    assert not T.shards(args.data) and T.shards("s/{0..9}.tar") and T.shards("a.tar.gz")
+    assert isinstance(T.build_sources(args, 32)[0], A.CsvPairs)
+
+
+def test_csv_image_paths_that_do_not_exist_are_one_error_naming_the_folder(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    _no_work(monkeypatch)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "p.csv").write_text("filepath,title\n" + "".join(f"img/{i}.png,a cat {i}\n" for i in range(24)))
+    for option in ("--data", "--val-data"):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--steps", "1", option, str(tmp_path / "d" / "p.csv"))
+        assert e.value.code == 2 and "\n" not in str(e.value)
+        assert (f"{option} {tmp_path / 'd' / 'p.csv'}: none of its first 24 image paths exist relative to "
+                f"{tmp_path / 'd'} (e.g. {tmp_path / 'd' / 'img' / '0.png'})") in str(e.value)
+
+
+def test_val_data_errors_name_val_data(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    _no_work(monkeypatch)
+    (tmp_path / "cols.csv").write_text("path,title\na.png,a cat\n")
+    with pytest.raises(SystemExit, match=r"^error: --val-data: column 'filepath' not in .*cols.csv") as e:
+        run(tmp_path, "--steps", "1", "--val-data", str(tmp_path / "cols.csv"))
+    assert e.value.code == 2
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "bad.csv").write_text("filepath,title\nbad.png,a cat\nbad.png,a dog\n")
+    with pytest.raises(SystemExit, match=r"^error: --val-data .*bad.csv: none of its 2 pairs can be read") as e:
+        run(tmp_path, "--steps", "1", "--val-data", str(tmp_path / "bad.csv"))
+    assert e.value.code == 2
+
+
+def test_a_key_twice_in_a_shard_is_an_error_naming_shard_and_key(tmp_path):
+    sample = {"png": _image_bytes((1, 2, 3)), "txt": b"a dog"}
+    _write_shard(tmp_path / "s.tar", [("a/0001", sample), ("a/0001", sample), ("a/0002", sample)])
+    for only in (None, {"txt"}):
+        with pytest.raises(ValueError, match=r"shard .*s.tar: the key 'a/0001' occurs twice \(a/0001.png\)"):
+            list(A._tar_groups(str(tmp_path / "s.tar"), only))
+    with pytest.raises(ValueError, match="occurs twice"):
+        A.TarShards(str(tmp_path / "s.tar"), None).caption_list()      # train.py lists captions first
+
+
+def test_a_compressed_shard_cut_at_a_member_boundary_is_counted(tmp_path):
+    import warnings
+    import zlib
+    _write_shard(tmp_path / "s.tar", [(f"{k:04d}", {"png": _image_bytes((k, 2, 3)), "txt": b"a dog"})
+                                      for k in range(6)])
+    data = (tmp_path / "s.tar").read_bytes()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        cut = [m.offset for m in tar.getmembers()][6]                  # the header of sample 3's png
+    z = zlib.compressobj(wbits=31)                                      # gzip, its end never written
+    (tmp_path / "cut.tar.gz").write_bytes(z.compress(data[:cut]) + z.flush(zlib.Z_SYNC_FLUSH))
+    z = zlib.compressobj(wbits=31)
+    (tmp_path / "whole.tar.gz").write_bytes(z.compress(data) + z.flush())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(A._tar_groups(str(tmp_path / "whole.tar.gz")))) == 6
+    with pytest.warns(UserWarning, match=r"cut.tar.gz: damaged tar after sample '0002' \(compressed data cut short"):
+        groups = list(A._tar_groups(str(tmp_path / "cut.tar.gz")))
+    assert [k for k, _ in groups] == ["0000", "0001", "0002", "0002"] and groups[-1][1] is None   # the loss: counted
+    shards = A.TarShards(str(tmp_path / "cut.tar.gz"), None, shuffle=False)
+    with pytest.warns(UserWarning):
+        assert [s is None for s in shards] == [False, False, False, True]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_only_regular_files_are_opened_as_images(tmp_path):
+    import threading
+    os.mkfifo(tmp_path / "pipe.png")                                    # open() of it would block forever
+    (tmp_path / "folder.png").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "p.csv").write_text("filepath,title\na.png,a cat\npipe.png,a pipe\nfolder.png,a folder\n"
+                                    "/dev/null,a device\n")
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(
+        items=[A.CsvPairs(tmp_path / "p.csv")[i] for i in range(4)], pipe=A.read_image(tmp_path / "pipe.png")),
+        daemon=True)
+    reader.start()
+    reader.join(20)
+    assert not reader.is_alive(), "read_image blocked on a FIFO"
+    assert [x is None for x in got["items"]] == [False, True, True, True] and got["pipe"] is None
+
+
+def test_resume_on_shards_refuses_another_worker_count(tmp_path, capsys):
+    shards = ["--data", "s/{0..1}.tar", "--train-num-samples", "8", "--model", "shared"]
+    saved = vars(T.parse_args(shards + ["--workers", "2"]))
+    pos = {"step": 2, "epoch": 0, "batch": 2, "world_size": 1}
+    path = _fake_training_checkpoint(tmp_path / "s.pt", saved, pos)
+    with pytest.raises(ValueError) as e:
+        T.read_resume(path, T.parse_args(shards + ["--workers", "1"]), 1)
+    assert "was trained with other options (--workers 2 there, 1 now)" in str(e.value)
+    assert T.read_resume(path, T.parse_args(shards + ["--workers", "2"]), 1)["position"] == pos
+    csv = ["--data", "p.csv", "--model", "shared"]                     # a CSV: any worker count
+    csv_run = _fake_training_checkpoint(tmp_path / "c.pt", vars(T.parse_args(csv + ["--workers", "2"])), pos)
+    assert T.read_resume(csv_run, T.parse_args(csv + ["--workers", "1"]), 1)["position"] == pos
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    assert "--workers: not with shards" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_checkpoint_without_options_is_said_to_be_one(tmp_path):
+    A.atomic_write(tmp_path / "bare.pt", {"config": {}, "model": {}, "optimizer": {}, "tokenizer": [],
+                                          "position": {"step": 1, "epoch": 0, "batch": 1}})
+    with pytest.raises(ValueError, match=r"bare.pt is not a training checkpoint of this project \(no 'args'\)"):
+        T.read_resume(str(tmp_path / "bare.pt"), T.parse_args([]), 1)
+
+
+def test_a_damaged_semantic_cache_is_rebuilt_with_a_note(tmp_path, capsys):
+    captions = ["a red circle.", "a blue square.", "two objects: a star and a ring."]
+    enc = _CountingEncoder()
+    cache = A.SemanticCache.build(captions, "fake", tmp_path, show_progress=False, encoder=enc)
+    good, path = cache.lookup(captions), cache.path
+    del cache
+    hashes = path[:-len(".npy")] + ".hashes.npy"
+    damages = {"checksum": lambda: np.save(path, np.random.default_rng(0).normal(size=(3, 6)).astype(np.float16)),
+               "shape or dtype": lambda: np.save(path, np.zeros((3, 6), np.float32)),
+               "mmap length": lambda: Path(path).write_bytes(Path(path).read_bytes()[:-10]),   # cut short
+               "caption hashes": lambda: np.save(hashes, np.arange(3, dtype=np.int64)),
+               "No such file": lambda: os.remove(hashes)}
+    for why, damage in damages.items():
+        damage()
+        capsys.readouterr()
+        calls = len(enc.calls)
+        again = A.SemanticCache.build(captions, "fake", tmp_path, show_progress=False, encoder=enc)
+        note = capsys.readouterr().out
+        assert note.startswith(f"note: the semantic cache {path} is damaged (") and why in note, (why, note)
+        assert note.endswith("; encoding the captions again\n") and note.count("\n") == 1
+        assert len(enc.calls) == calls + 1 and torch.equal(again.lookup(captions), good)
+    A.SemanticCache.build(captions, "fake", tmp_path, show_progress=False, encoder=enc)
+    assert len(enc.calls) == len(damages) + 1 and capsys.readouterr().out == ""   # whole again: reused
+
+
+def test_a_killed_cache_build_leaves_no_temporary_for_ever(tmp_path):
+    import socket
+    host = socket.gethostname()
+    dead = tmp_path / f"semantic-0123.npy.{host}.{_dead_pid()}.tmp.npy"
+    live = tmp_path / f"semantic-0123.npy.{host}.{os.getppid()}.tmp.npy"   # a build in progress
+    other = tmp_path / f"semantic-0123.npy.other-machine.{_dead_pid()}.tmp.npy"
+    for p in (dead, live, other):
+        p.write_bytes(b"\0" * 1000)
+    A.SemanticCache.build(["a cat."], "fake", tmp_path, show_progress=False, encoder=_CountingEncoder())
+    assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_a_full_disk_while_writing_the_semantic_cache_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(OSError) as e:
+        A.SemanticCache.build(["a cat.", "a dog."], "fake", tmp_path, show_progress=False,
+                              encoder=_CountingEncoder())
+    assert str(e.value).startswith(f"no space left on {tmp_path}: semantic-") and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []                               # no temporary left
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_the_run_resumable(tmp_path, monkeypatch):
+    import errno
+    small_preset(monkeypatch)
+    real, saves = torch.save, []
+
+    def save(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:                                             # the checkpoint after step 4
+            with open(f, "wb") as out:
+                out.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model", "clip", "--steps", "6", "--save-every", "2", out="full")
+    assert e.value.code == 2 and str(e.value) == (f"error: no space left on {tmp_path / 'full'}: last.pt not "
+                                                  "written (nothing older was replaced); free some space")
+    assert sorted(os.listdir(tmp_path / "full")) == ["config.json", "last.pt", "log.jsonl"]   # no temporary
+    assert torch.load(tmp_path / "full" / "last.pt", weights_only=True)["position"]["step"] == 2
+    monkeypatch.setattr(torch, "save", real)
+    run(tmp_path, "--model", "clip", "--steps", "6", "--save-every", "2", "--resume", out="full")
+    assert torch.load(tmp_path / "full" / "last.pt", weights_only=True)["position"]["step"] == 6
+    # torch's own writer says it in its words: RuntimeError "... unexpected pos ..."; other errors stay
+    for said, error in [("unexpected pos", OSError), ("file write failed", OSError), ("other", RuntimeError)]:
+        def fails(obj, f, *a, **k):
+            Path(f).write_bytes(b"half")
+            raise RuntimeError(f"[enforce fail at inline_container.cc:626] . {said}")
+        monkeypatch.setattr(torch, "save", fails)
+        with pytest.raises(error) as e:
+            A.atomic_write(tmp_path / "x.pt", {"a": 1})
+        assert str(e.value).startswith(f"no space left on {tmp_path}: x.pt not written") == (error is OSError)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_ctrl_c_while_encoding_captions_says_what_was_kept(tmp_path, monkeypatch, capsys):
+    small_preset(monkeypatch)
+
+    class Interrupted:
+        def encode(self, texts, **kw):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(A, "load_sentence_encoder", lambda name, device="cpu": Interrupted())
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "1", "--semantic-model", "fake")
+    err = capsys.readouterr().err
+    assert e.value.code == 130
+    assert err.endswith(f"interrupted while encoding captions: no embedding kept, nothing in {tmp_path / 'run'} "
+                        "changed\n")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("semantic")]
+    assert os.listdir(tmp_path / "run") == []                            # the lock is gone too
+
+
+def test_a_sentence_model_folder_missing_or_empty_is_one_line(tmp_path, monkeypatch):
+    small_preset(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "1", "--semantic-model", str(tmp_path / "empty"))
+    assert e.value.code == 2 and str(e.value) == (
+        f"error: sentence encoder folder {tmp_path / 'empty'} has no modules.json: a sentence-transformers "
+        "model folder holds modules.json and config.json")
+    if importlib.util.find_spec("sentence_transformers") is None:
+        return
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "1", "--semantic-model", str(tmp_path / "nowhere"), out="r2")
+    assert e.value.code == 2 and "\n" not in str(e.value)
+    assert f"could not load sentence encoder '{tmp_path / 'nowhere'}': no such folder" in str(e.value)
+    assert "holds modules.json and config.json" in str(e.value)
+
+
+def test_eval_counts_unreadable_images_and_refuses_a_one_class_set(ev, tmp_path, capsys, one_thread):
+    root = tmp_path / "imagenet-r"
+    wnids = [l.strip() for l in open(ev["data"] / "wnids.txt")]
+    scenes = A.SyntheticScenes("val", size=6)
+    for k, w in enumerate(wnids[:2]):
+        _write_images(root / w, scenes, range(3 * k, 3 * k + 3), ext="jpg")
+    jpg = (root / wnids[0] / "img0000.jpg").read_bytes()
+    (root / wnids[0] / "img0000.jpg").write_bytes(jpg[:len(jpg) // 2])                  # truncated
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / wnids[1] / "pipe.jpg")                                         # never opened
+    opts = ["--datasets", "imagenet-r", "--imagenet-r", str(root), "--imagenet-wnids", str(ev["data"] / "wnids.txt")]
+    res = run_eval(ev, "zeroshot", *opts, out="unreadable", checkpoints=("clip",))
+    n = 1 + hasattr(os, "mkfifo")
+    assert res["unreadable_images"] == {"clip": {"imagenet-r:test": n}}
+    assert json.load(open(ev["root"] / "unreadable" / "zeroshot.json"))["unreadable_images"] == \
+        res["unreadable_images"]
+    assert f"clip: imagenet-r:test: {n} of {6 + n - 1} images could not be read: skipped" in capsys.readouterr().out
+    assert res["ImageNet-R"]["clip"]["images"] == 5
+    for w in wnids[1:2]:
+        import shutil
+        shutil.rmtree(root / w)                                                           # one class left
+    with pytest.raises(SystemExit) as e:
+        run_eval(ev, "zeroshot", *opts, out="one", checkpoints=("clip",))
+    assert "ImageNet-R has 1 class: accuracy needs at least two" in str(e.value) and "\n" not in str(e.value)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 import random
 import shutil
 import signal
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (built in), a .csv/.tsv of image paths and captions, or .tar shards "
                         "('shards/{00000..00099}.tar')")
-    g.add_argument("--val-data", default=None, help="validation pairs, a .csv/.tsv (synthetic: built in)")
+    g.add_argument("--val-data", default=None, help="validation pairs, a .csv/.tsv (synthetic: its own)")
     g.add_argument("--train-size", type=int, default=20000, help="synthetic: number of training images")
     g.add_argument("--val-size", type=int, default=1000, help="synthetic: number of validation images")
     g.add_argument("--train-num-samples", type=int, default=None,
@@ -106,7 +107,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (default: <out>/last.pt); the options that define "
                         "the run must be as saved, except: "
-                        + ", ".join("--" + k.replace("_", "-") for k in sorted(MAY_CHANGE - {"resume"})))
+                        + ", ".join("--" + k.replace("_", "-") for k in sorted(MAY_CHANGE - {"resume"}))
+                        + " (--workers: not with shards, which are dealt to the workers)")
     g.add_argument("--stop-after", type=int, default=None, help="end after N steps as if interrupted, saving")
     g.add_argument("--save-every", type=int, default=500, help="also checkpoint every N steps")
     g.add_argument("--eval-every", type=int, default=0,
@@ -156,7 +158,7 @@ def check_args(args):
         fail("error: --eval-every needs validation pairs: give --val-data a .csv/.tsv file")
     if not 0 < args.init_logit_scale <= 100:
         fail(f"error: --init-logit-scale must be in (0, 100] (s is at most 100), not {args.init_logit_scale}")
-    if ".tar" in args.data and args.train_num_samples is None:
+    if shards(args.data) and args.train_num_samples is None:
         fail(f"error: --data {args.data} is .tar shards, which have no length: give --train-num-samples N, "
              "the pairs in one epoch")
     if args.init_from is None:
@@ -165,6 +167,23 @@ def check_args(args):
             A.ModelConfig.preset(args.preset)
         except ValueError as e:
             fail(f"error: {e}")
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError:
+        fail(f"error: --device {args.device}: not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"error: --device {args.device}: torch.cuda.is_available() is False here; use --device cpu")
+    unused = [o for o, given in (("--separate", args.separate != "image"), ("--no-rescale", args.no_rescale),
+                                 ("--semantic-model", args.semantic_model is not None),
+                                 ("--alpha", args.alpha != 1 and args.model != "alignclip")) if given]
+    if args.beta == 0 and unused and int(os.environ.get("RANK", 0)) == 0:   # e.g. a sweep's common options
+        print(f"warning: {', '.join(unused)} ignored: --model {args.model} with --beta 0 has no IMSep term for "
+              "them", file=sys.stderr)
+
+
+def shards(data):
+    """Whether --data names .tar shards (x.tar.csv is a CSV: the last suffix decides)."""
+    return ".tar" in data and not data.endswith((".csv", ".tsv"))
 
 
 # -----------------------------------------------------------------------------
@@ -312,24 +331,34 @@ def make_optimizer(model, args, device):
 
 def build_sources(args, image_size):
     """(train source, validation source or None), checked before training. Shards stay a pattern."""
-    if args.data == "synthetic":
-        return (A.SyntheticScenes("train", size=args.train_size, image_size=image_size, seed=args.seed),
-                A.SyntheticScenes("val", size=args.val_size, image_size=image_size, seed=args.seed))
-
     def open_source(path, option):
         if path.endswith((".csv", ".tsv")):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{option} {path}: no such CSV file")
-            return A.CsvPairs(path, image_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                              sep=args.csv_separator, options={"image_key": "--csv-img-key",
-                                                               "caption_key": "--csv-caption-key",
-                                                               "sep": "--csv-separator"})
-        if ".tar" in path and option == "--data":
+            try:
+                pairs = A.CsvPairs(path, image_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                   sep=args.csv_separator, options={"image_key": "--csv-img-key",
+                                                                    "caption_key": "--csv-caption-key",
+                                                                    "sep": "--csv-separator"})
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{option}: {e}") from None
+            first = pairs.paths[:100]
+            if first and not any((pairs.root / p).is_file() for p in first):
+                raise FileNotFoundError(f"{option} {path}: none of its first {len(first)} image paths exist "
+                                        f"relative to {pairs.root} (e.g. {pairs.root / first[0]}); write "
+                                        "them relative to the CSV's folder, or absolute")
+            if option == "--val-data" and all(pairs[i] is None for i in range(len(pairs))):  # to the first
+                raise ValueError(f"--val-data {path}: none of its {len(pairs)} pairs can be read (images "
+                                 "undecodable, or no caption)")
+            return pairs
+        if shards(path) and option == "--data":
             A.TarShards(path, None)  # a missing shard: an error naming it, now
             return path
         raise ValueError(f"{option} {path!r}: expected 'synthetic', a .csv/.tsv file or .tar shards")
-    val = open_source(args.val_data, "--val-data") if args.val_data else None
-    return open_source(args.data, "--data"), val
+    if args.data == "synthetic":
+        train = A.SyntheticScenes("train", size=args.train_size, image_size=image_size, seed=args.seed)
+        val = A.SyntheticScenes("val", size=args.val_size, image_size=image_size, seed=args.seed)
+    else:
+        train, val = open_source(args.data, "--data"), None
+    return train, open_source(args.val_data, "--val-data") if args.val_data else val
 
 
 # captions of a batch are encoded in this many groups of similar length (Collate): on the synthetic
@@ -396,7 +425,12 @@ def captions_and_cache(args, source, rank, device):
         return captions, None
     model = args.semantic_model or A.default_semantic_model()
     if leader:
-        return captions, A.SemanticCache.build(captions, model, args.cache_dir, device=str(device))
+        try:
+            return captions, A.SemanticCache.build(captions, model, args.cache_dir, device=str(device))
+        except KeyboardInterrupt:
+            print(f"interrupted while encoding captions: no embedding kept, nothing in {args.out} changed",
+                  file=sys.stderr)
+            sys.exit(130)
     path = A.SemanticCache.path_for(captions, model, args.cache_dir)
     wait_for_leader(path, leader, rank, "encode the captions with the sentence encoder")
     return captions, A.SemanticCache(path)
@@ -430,7 +464,13 @@ def setup(args):
         raise ValueError(f"--out {args.out}: cannot create the folder or write in it ({e.strerror})") \
             from None
     path = os.path.join(args.out, "last.pt")
+    if rank == 0:
+        take_lock(args.out)
     resume_path = path if args.resume == "auto" else args.resume
+    if not resume_path and os.path.exists(path):
+        step = A.read_checkpoint(path).get("position", {}).get("step", "?")
+        raise ValueError(f"{args.out} holds a run (step {step}): --resume to continue it, or choose another "
+                         "--out")
     ckpt = read_resume(resume_path, args, world) if resume_path else None
     init = load_init(args) if args.init_from else None
     image_size = (A.ModelConfig.from_dict(ckpt["config"]).image_size if ckpt else
@@ -483,6 +523,22 @@ def setup(args):
         batches=make_loader(train_src, args, tokenizer, cache, raw.config, rank, world),
         group=dist.new_group(backend="gloo") if world > 1 else None,          # for exchange(): host integers
         log=open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None)
+
+
+def take_lock(folder):
+    """One live run per folder: folder/lock holds its pid (main removes it); a killed run's is taken over."""
+    lock = os.path.join(folder, "lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = Path(lock).read_text().strip()
+        if owner.isdigit() and A.pid_alive(int(owner)):
+            raise ValueError(f"{folder} is in use by a run (process {owner}, {lock}): wait for it to end, or "
+                             "choose another --out") from None
+        print(f"note: taking over {lock} of process {owner}, which has ended")
+        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
 
 
 def validate(run, subset, bar=None):
@@ -630,13 +686,15 @@ def read_resume(path, args, world):
     """The checkpoint to continue, after checking that it is one of ours and that no option that
     defines the run changed (another model, loss, batch or data would silently train something else)."""
     ckpt = A.read_checkpoint(path)
-    for key in ("config", "model", "optimizer", "position", "tokenizer"):
+    for key in ("config", "model", "optimizer", "position", "tokenizer", "args"):
         if key not in ckpt:
             raise ValueError(f"{path} is not a training checkpoint of this project (no {key!r}); to start "
                              "from its weights, use --init-from")
-    default, saved = vars(parse_args([])), ckpt.get("args", {})
+    default, saved = vars(parse_args([])), ckpt["args"]
     before = {k: saved.get(k, default.get(k)) for k in vars(args)}   # newer options: ran with the default
     changed = sorted(k for k, v in vars(args).items() if k not in MAY_CHANGE and before[k] != v)
+    if shards(args.data) and before["workers"] != args.workers:   # shards are dealt to the workers
+        changed.append("workers")
     if changed:
         raise ValueError(f"--resume {path} was trained with other options (" + "; ".join(
             f"--{k.replace('_', '-')} {before[k]!r} there, {getattr(args, k)!r} now"
@@ -797,6 +855,9 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        lock = os.path.join(args.out or "", "lock")
+        if args.out and os.path.isfile(lock) and Path(lock).read_text() == str(os.getpid()):   # ours: release
+            os.remove(lock)
     if status == "signal":
         sys.exit(130)   # stopped by Ctrl-C or SIGTERM: `train.py && eval.py` must not go on
 
