@@ -4404,3 +4404,19 @@ def test_eval_counts_unreadable_images_and_refuses_a_one_class_set(ev, tmp_path,
     with pytest.raises(SystemExit) as e:
         run_eval(ev, "zeroshot", *opts, out="one", checkpoints=("clip",))
     assert "ImageNet-R has 1 class: accuracy needs at least two" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_logged_rate_and_eta_are_over_the_last_interval(tmp_path, monkeypatch):
+    # a slow first step (compilation, warm-up) must not drag the rate of every later log line
+    small_preset(monkeypatch)
+    clock, real = [1000.0], T.train_step
+    monkeypatch.setattr(T.time, "time", lambda: clock[0])
+
+    def train_step(run, *a, **k):
+        clock[0] += 100.0 if run.pos["step"] == 0 else 1.0             # seconds this step "takes"
+        return real(run, *a, **k)
+    monkeypatch.setattr(T, "train_step", train_step)
+    out = run(tmp_path, "--model", "clip", "--steps", "6", "--log-every", "2")
+    recs = records(out)
+    assert [r["pairs_per_s"] for r in recs] == pytest.approx([2 * 8 / 101, 2 * 8 / 2, 2 * 8 / 2])
+    assert recs[1]["eta_min"] == pytest.approx(2 / 1 / 60)              # 2 steps left at 1 step/s
