@@ -1333,7 +1333,7 @@ def load_model(path_or_state_dict, activation: str = None, with_tokenizer: bool 
     sd = sd.get("state_dict", sd)
     if not isinstance(sd, dict):
         raise ValueError("the checkpoint's 'state_dict' entry is not a dict of tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}  # DDP's prefix
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}          # DDP's prefix
     merges = obj.get("tokenizer") if ours else None
     if not ours and "text_transformer.resblocks.0.ln_1.weight" in sd:  # our two-tower CLIP, bare
         sd = _openclip_names(sd)
