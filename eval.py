@@ -65,7 +65,6 @@ CIFAR_TEMPLATES = [
     "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
     "a photo of the small {}.", "a photo of the big {}.",
 ]
-FLOWERS_TEMPLATES = ["a photo of a {}, a type of flower."]
 CARS_TEMPLATES = [
     "a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
     "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}.",
@@ -94,8 +93,8 @@ IMAGENET_TEMPLATES = [  # the 80 of CLIP's ImageNet notebook, in its order
     "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.",
     "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 ]
-TEMPLATES = {"cifar": CIFAR_TEMPLATES, "flowers": FLOWERS_TEMPLATES, "cars": CARS_TEMPLATES,
-             "imagenet": IMAGENET_TEMPLATES, "simple": ["a photo of a {}."]}
+TEMPLATES = {"cifar": CIFAR_TEMPLATES, "flowers": ["a photo of a {}, a type of flower."],
+             "cars": CARS_TEMPLATES, "imagenet": IMAGENET_TEMPLATES, "simple": ["a photo of a {}."]}
 
 
 def read_lines(path, what):
@@ -116,12 +115,12 @@ def templates(args, default):
 
 
 # ---- Data sets ----
-# An EvalSet: a map-style data set and what scoring it needs. Caption sets (item i = (image, first caption)
-# or None; captions(i): all of image i's) go to A.evaluate, class sets (image, class) to A.embed_images.
 
 
 @dataclass
 class EvalSet:
+    """A map-style data set and what scoring it needs: caption sets go to A.evaluate, class sets to
+    A.embed_images."""
     name: str                  # column title in the tables
     key: str                   # what is encoded: sets with one key (shape, colour) share the embeddings
     items: object              # the map-style data set, or image_size -> it (the synthetic scenes)
@@ -221,12 +220,11 @@ def imagenet_set(name, args, split):
                     templates=templates(args, IMAGENET_TEMPLATES))]
 
 
+@dataclass
 class CaptionFiles(torch.utils.data.Dataset):
-    """Image files and their captions: item i = (uint8 image, first caption), or None if it cannot be read;
-    captions(i) = every caption of image i."""
-
-    def __init__(self, images, captions):
-        self.images, self.caps = images, captions
+    """Image files and their captions: item i = (uint8 image, first caption), or None if it cannot be read."""
+    images: list               # a path per image
+    caps: list                 # every caption of each image
 
     def __len__(self):
         return len(self.images)
@@ -239,8 +237,20 @@ class CaptionFiles(torch.utils.data.Dataset):
         return self.caps[i]
 
 
-def read_karpathy(path, images_dir, split, option):
-    """(image paths, captions of each) of a Karpathy JSON's split ("train": train + restval)."""
+CAPTION_SETS = {  # name: (display, option prefix, Karpathy split JSON and images under --data-root)
+    "coco": ("MSCOCO", "coco", "coco/dataset_coco.json", "coco"),
+    "flickr30k": ("Flickr30K", "flickr", "flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images"),
+}
+
+
+def caption_set(name, args, split):
+    """MSCOCO or Flickr30K, a split of its Karpathy split JSON ("train": train + restval)."""
+    display, opt, karpathy, folder = CAPTION_SETS[name]
+    path = getattr(args, f"{opt}_json") or os.path.join(args.data_root, karpathy)
+    if not os.path.isfile(path):
+        raise MissingData(f"{display}: no Karpathy split JSON (dataset_{name}.json) at {path}; set "
+                          f"--{opt}-json FILE and --{opt}-images DIR (or --data-root)")
+    images_dir = getattr(args, f"{opt}_images") or os.path.join(args.data_root, folder)
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if not (data.get("images") and "sentences" in data["images"][0]):
@@ -252,26 +262,10 @@ def read_karpathy(path, images_dir, split, option):
     found = [next((p for p in where if os.path.isfile(p)), None) for where, _ in entries]
     missing = [where[0] for p, (where, _) in zip(found, entries) if p is None]
     if missing or not entries:
-        raise MissingData(f"{len(missing)} of {len(entries)} images listed in {path} are missing" + (
-            f", e.g. {missing[0]}" if missing else f" (none of the {split} split)") + f"; set {option} DIR")
-    return found, [caps for _, caps in entries]
-
-
-CAPTION_SETS = {  # name: (display, option prefix, Karpathy split JSON and images under --data-root)
-    "coco": ("MSCOCO", "coco", "coco/dataset_coco.json", "coco"),
-    "flickr30k": ("Flickr30K", "flickr", "flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images"),
-}
-
-
-def caption_set(name, args, split):
-    """MSCOCO or Flickr30K, from its Karpathy split JSON (which holds the test and the training split)."""
-    display, opt, karpathy, folder = CAPTION_SETS[name]
-    path = getattr(args, f"{opt}_json") or os.path.join(args.data_root, karpathy)
-    if not os.path.isfile(path):
-        raise MissingData(f"{display}: no Karpathy split JSON (dataset_{name}.json) at {path}; set "
-                          f"--{opt}-json FILE and --{opt}-images DIR (or --data-root)")
-    images = getattr(args, f"{opt}_images") or os.path.join(args.data_root, folder)
-    pairs = CaptionFiles(*read_karpathy(path, images, split, f"--{opt}-images"))
+        example = f", e.g. {missing[0]}" if missing else f" (none of the {split} split)"
+        raise MissingData(f"{len(missing)} of {len(entries)} images listed in {path} are missing{example}; "
+                          f"set --{opt}-images DIR")
+    pairs = CaptionFiles(found, [caps for _, caps in entries])
     return [EvalSet(display, f"{name}:{split}", pairs, captions=True)]
 
 
@@ -348,19 +342,19 @@ def embed(ck, s, args):
                 metrics, e = A.evaluate(ck.model, ck.tokenizer, items, args.device, args.batch_size,
                                         args.workers, prompt=prompt, return_embeddings=True)
                 # kept=None: A.evaluate keeps every synthetic scene (the one caption set with classes)
-                ck.memo[s.key] = dict(e, metrics=metrics, kept=None)
+                e = dict(e, metrics=metrics, kept=None)
             else:
                 Ev, kept = A.embed_images(ck.model, items, args.device, args.batch_size, args.workers,
                                           progress=True)
                 if not kept:
                     raise ValueError(f"none of its {len(items)} images could be read")
-                ck.memo[s.key] = {"image": Ev, "kept": kept}
-        except ValueError as e:   # e.g. not one image of the set could be read
-            raise UsageError(f"{s.name}: {e}") from None
-        e = ck.memo[s.key]
+                e = {"image": Ev, "kept": kept}
+        except ValueError as error:   # e.g. not one image of the set could be read
+            raise UsageError(f"{s.name}: {error}") from None
         e["skipped"] = len(items) - len(e["image"])   # unreadable: printed, and in the JSON
         if e["skipped"]:
             print(f"{ck.label}: {s.key}: {e['skipped']} of {len(items)} images could not be read: skipped")
+        ck.memo[s.key] = e
     e = ck.memo[s.key]
     y = None if s.targets is None else torch.tensor(s.targets)
     return e if y is None else dict(e, y=y if e["kept"] is None else y[e["kept"]])
@@ -547,20 +541,18 @@ def train_probe(x, y, n_classes, args, device):
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.probe_lr, weight_decay=args.probe_weight_decay)
-    b, g = args.probe_batch_size, torch.Generator().manual_seed(args.seed)
-    per_epoch = math.ceil(len(x) / b)
-    total = args.probe_epochs * per_epoch
+    g, step = torch.Generator().manual_seed(args.seed), 0
+    total = args.probe_epochs * math.ceil(len(x) / args.probe_batch_size)
     x, y = x.to(device), y.to(device)
-    for step in range(total):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x), generator=g).to(device)
-        idx = order[(step % per_epoch) * b:][:b]
-        for group in opt.param_groups:
-            group["lr"] = A.cosine_lr(step, total, args.probe_lr, warmup=0)
-        loss = F.cross_entropy(probe(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for _ in range(args.probe_epochs):
+        for idx in torch.randperm(len(x), generator=g).to(device).split(args.probe_batch_size):
+            for group in opt.param_groups:
+                group["lr"] = A.cosine_lr(step, total, args.probe_lr, warmup=0)
+            loss = F.cross_entropy(probe(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
     return probe
 
 
