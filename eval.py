@@ -30,6 +30,7 @@ CSV), fine-tuning loss options (each checkpoint is fine-tuned with its own: the 
 import argparse
 import csv
 import functools
+import itertools
 import json
 import math
 import os
@@ -493,18 +494,17 @@ def dosnes(X, n_iter=1000, perplexity=30.0, seed=0, learning_rate=500.0, device=
 def task_alignment(cks, sets, args):
     """Table 1 and Figure 4: alignment score (Eq. 5), mean angle, modality gap; CDF of the paired cosines."""
     results, cosines = {s.name: {} for s in sets}, {s.name: {} for s in sets}
-    for s in sets:
-        for ck in cks:
-            e = embed(ck, s, args)
-            if s.captions:   # every caption with its image: A.evaluate's numbers, as train.py reports them
-                img, txt, m = e["image"][e["owner"]], e["text"], e["metrics"]
-            else:            # each image with the prompt of its class
-                prompts = [args.alignment_prompt.format(c) for c in s.classnames]
-                img = e["image"]
-                txt = A.embed_texts(ck.model, ck.tokenizer, prompts, args.device, args.batch_size)[e["y"]]
-                m = A.pair_metrics(img, txt)
-            results[s.name][ck.label] = {k: m[k] for k in ("alignment", "angle_deg", "gap", "pairs")}
-            cosines[s.name][ck.label] = F.cosine_similarity(img, txt, dim=-1).sort().values   # (pairs,)
+    for s, ck in itertools.product(sets, cks):
+        e = embed(ck, s, args)
+        if s.captions:   # every caption with its image: A.evaluate's numbers, as train.py reports them
+            img, txt, m = e["image"][e["owner"]], e["text"], e["metrics"]
+        else:            # each image with the prompt of its class
+            prompts = [args.alignment_prompt.format(c) for c in s.classnames]
+            img = e["image"]
+            txt = A.embed_texts(ck.model, ck.tokenizer, prompts, args.device, args.batch_size)[e["y"]]
+            m = A.pair_metrics(img, txt)
+        results[s.name][ck.label] = {k: m[k] for k in ("alignment", "angle_deg", "gap", "pairs")}
+        cosines[s.name][ck.label] = F.cosine_similarity(img, txt, dim=-1).sort().values   # (pairs,)
     model_table("Table 1: alignment score (mean angle in degrees, modality gap)", results,
                 lambda m: f"{m['alignment']:.3f} ({m['angle_deg']:.1f}, {m['gap']:.3f})")
     fig, axes = figure(len(cosines))   # Figure 4: one panel per data set, one curve per checkpoint
@@ -520,16 +520,15 @@ def task_alignment(cks, sets, args):
 def task_zeroshot(cks, sets, args):
     """Tables 2 and 4: zero-shot top-1 / top-5 with prompt-template ensembles."""
     results = {s.name: {} for s in sets}
-    for s in sets:
-        for ck in cks:
-            e = embed(ck, s, args)
-            if s.label:   # the synthetic scenes: A.evaluate's own numbers (train.py's final_metrics.json)
-                top = {k: e["metrics"][f"zeroshot_{s.label}_top{k}"] for k in (1, 5)}
-            else:
-                W = A.zeroshot_classifier(ck.model, ck.tokenizer, s.classnames, s.templates, args.device)
-                top = A.accuracy(e["image"] @ W.float().cpu().T, e["y"], topk=(1, 5))   # (n, C) logits
-            results[s.name][ck.label] = {"top1": top[1], "top5": top[5], "images": len(e["image"]),
-                                         "classes": len(s.classnames)}
+    for s, ck in itertools.product(sets, cks):
+        e = embed(ck, s, args)
+        if s.label:   # the synthetic scenes: A.evaluate's own numbers (train.py's final_metrics.json)
+            top = {k: e["metrics"][f"zeroshot_{s.label}_top{k}"] for k in (1, 5)}
+        else:
+            W = A.zeroshot_classifier(ck.model, ck.tokenizer, s.classnames, s.templates, args.device)
+            top = A.accuracy(e["image"] @ W.float().cpu().T, e["y"], topk=(1, 5))   # (n, C) logits
+        results[s.name][ck.label] = {"top1": top[1], "top5": top[5], "images": len(e["image"]),
+                                     "classes": len(s.classnames)}
     return model_table("Tables 2 and 4: zero-shot accuracy, top-1 / top-5 (%)", results,
                        lambda m: f"{m['top1']:.1f} / {m['top5']:.1f}")
 
@@ -559,14 +558,13 @@ def train_probe(x, y, n_classes, args, device):
 def task_linear_probe(cks, set_pairs, args):
     """Table 3: top-1 of a linear probe trained on the train split's frozen image embeddings."""
     results = {test.name: {} for _, test in set_pairs}
-    for train, test in set_pairs:
-        for ck in cks:
-            tr, te = embed(ck, train, args), embed(ck, test, args)
-            probe = train_probe(tr["image"], tr["y"], len(train.classnames), args, args.device)
-            with torch.no_grad():
-                top1 = A.accuracy(probe(te["image"].to(args.device)).cpu(), te["y"], topk=(1,))[1]
-            results[test.name][ck.label] = {"top1": top1, "train_images": len(tr["image"]),
-                                            "test_images": len(te["image"])}
+    for (train, test), ck in itertools.product(set_pairs, cks):
+        tr, te = embed(ck, train, args), embed(ck, test, args)
+        probe = train_probe(tr["image"], tr["y"], len(train.classnames), args, args.device)
+        with torch.no_grad():
+            top1 = A.accuracy(probe(te["image"].to(args.device)).cpu(), te["y"], topk=(1,))[1]
+        results[test.name][ck.label] = {"top1": top1, "train_images": len(tr["image"]),
+                                        "test_images": len(te["image"])}
     return model_table("Table 3: linear probe, top-1 (%)", results, lambda m: f"{m['top1']:.1f}")
 
 
@@ -615,16 +613,14 @@ def task_retrieval(cks, sets, args, tuned=False):
     --retrieval-prompt. tuned: Table 6, sets are (train, test) and each checkpoint is first fine-tuned
     on the train split (the runs are kept under OUT/finetune)."""
     results, keys = {}, [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    for train, test in sets if tuned else [(None, s) for s in sets]:
-        results[test.name] = {}
-        for ck in cks:
-            model, run = ck, {}
-            if tuned:
-                path, kind = finetune(ck, train, args)
-                model, run = load_checkpoint(path, ck.label, args), {"checkpoint": path, "model": kind}
-            m = embed(model, test, args)["metrics"]
-            results[test.name][ck.label] = dict({k: m[k] for k in keys}, images=m["images"],
-                                                captions=m["pairs"], **run)
+    for (train, test), ck in itertools.product(sets if tuned else [(None, s) for s in sets], cks):
+        model, run = ck, {}
+        if tuned:
+            path, kind = finetune(ck, train, args)
+            model, run = load_checkpoint(path, ck.label, args), {"checkpoint": path, "model": kind}
+        m = embed(model, test, args)["metrics"]
+        results.setdefault(test.name, {})[ck.label] = dict({k: m[k] for k in keys}, images=m["images"],
+                                                           captions=m["pairs"], **run)
     recalls = lambda m, i: " ".join(f"{m[k]:.1f}" for k in keys[i:i + 3])   # noqa: E731
     return model_table(f"Table {'6: fine-tuned' if tuned else '5: zero-shot'} retrieval, R@1 R@5 R@10 "
                        "image->text | text->image (%)", results,
