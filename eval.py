@@ -117,7 +117,6 @@ def templates(args, default):
 
 # ---- Data sets ----
 
-
 @dataclass
 class EvalSet:
     """A map-style data set and what scoring it needs: caption sets go to A.evaluate, class sets to
@@ -298,7 +297,6 @@ def build_sets(kind, name, args, split="test"):
 
 # ---- Checkpoints, and their embeddings kept in memory for this run ----
 
-
 @dataclass
 class Checkpoint:
     label: str                 # column name in the tables
@@ -362,7 +360,6 @@ def embed(ck, s, args):
 
 
 # ---- Tables, labels, figures ----
-
 
 def table(title, header, rows):
     """Plain text: the first column left-aligned, the others right-aligned."""
@@ -436,7 +433,6 @@ def save_figure(fig, folder, name):
 # t-SNE's input affinities made doubly stochastic (every point has the same total affinity: no crowding at
 # the centre), embedded in 3-D with t-SNE's Student-t kernel and put back on a sphere after every step.
 
-
 def dosnes_affinities(X, perplexity=30.0, device="cpu"):
     """(N, N) float64 input affinities: symmetric, zero diagonal, rows and columns summing to 1. Each row
     first as in t-SNE: p(j | i) ∝ exp(-beta_i |x_i - x_j|^2), beta_i found by bisection on its log so
@@ -489,7 +485,6 @@ def dosnes(X, n_iter=1000, perplexity=30.0, seed=0, learning_rate=500.0, device=
 
 
 # ---- The tasks, one per table: each prints it and returns {data set: {checkpoint label: metrics}} ----
-
 
 def task_alignment(cks, sets, args):
     """Table 1 and Figure 4: alignment score (Eq. 5), mean angle, modality gap; CDF of the paired cosines."""
@@ -798,29 +793,27 @@ def run_all(cks, args):
 
 # ---- Command line ----
 
-
-def options():
-    """Every option of the checkpoint commands (each reads the groups it needs), as a parent parser."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("models")
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)   # every option of the checkpoint commands
+    g = common.add_argument_group("models")
     g.add_argument("--checkpoint", action="append", required=True, metavar="PATH", help="repeat to compare")
     g.add_argument("--label", action="append", help="of each --checkpoint; runs sharing one: mean +- std")
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], help="default: the file's, else gelu")
     g.add_argument("--tokenizer", metavar="MERGES", help="BPE merges file for foreign checkpoints")
     g.add_argument("--heads", type=int, help="attention heads of a foreign checkpoint of no released shape")
     g.add_argument("--text-heads", type=int, help="its text tower's, if not --heads")
-    g = p.add_argument_group("protocol")
+    g = common.add_argument_group("protocol")
     g.add_argument("--retrieval-prompt", default="a photo of the {}", help="each caption's, for retrieval")
     g.add_argument("--no-prompt", action="store_true", help="retrieval with the raw captions")
     g.add_argument("--alignment-prompt", default="a photo of a {}.", help="pairs a class's images with it")
     g.add_argument("--templates", help="cifar|flowers|cars|imagenet|simple|FILE (default: the set's own)")
-    g = p.add_argument_group("compute and output")
+    g = common.add_argument_group("compute and output")
     g.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     g.add_argument("--seed", type=int, default=0, help="seeds the linear probe, fine-tuning and DOSNES")
     g.add_argument("--out", default="runs/eval", help="folder for the results JSON and the figures")
-    g = p.add_argument_group("data (nothing is downloaded unless --download)")
+    g = common.add_argument_group("data (nothing is downloaded unless --download)")
     g.add_argument("--data-root", default="data", help="root of the data sets (layouts in the README)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR / Flowers-102")
     g.add_argument("--synthetic-size", type=int, default=1000, help="synthetic validation scenes")
@@ -838,31 +831,27 @@ def options():
         g.add_argument(option, help=f"{display}, {layout} (default DATA_ROOT/{default})")
     g.add_argument("--imagenet-train", help="ImageNet train (default DATA_ROOT/imagenet/train)")
     g.add_argument("--imagenet-wnids", help="the 1000 wnids in class order, one a line (for ImageNet-R/-A)")
-    g = p.add_argument_group("linear probe (Table 3)")
+    g = common.add_argument_group("linear probe (Table 3)")
     g.add_argument("--probe-epochs", type=int, default=30)
     g.add_argument("--probe-lr", type=float, default=5e-4, help="AdamW, cosine decay to 0")
     g.add_argument("--probe-batch-size", type=int, default=128)
     g.add_argument("--probe-weight-decay", type=float, default=0.0)
-    g = p.add_argument_group("fine-tuning by train.py (Table 6)")
+    g = common.add_argument_group("fine-tuning by train.py (Table 6)")
     g.add_argument("--finetune-epochs", type=int, help="default: 8 MSCOCO, 20 Flickr30K, 1 synthetic")
     g.add_argument("--finetune-lr", type=float, default=5e-6, help="AdamW, cosine decay to 0")
     g.add_argument("--finetune-weight-decay", type=float, default=0.2)
     g.add_argument("--finetune-batch-size", type=int, default=128)
     g.add_argument("--finetune-synthetic-size", type=int, default=1000, help="synthetic training scenes")
-    g = p.add_argument_group("DOSNES (Figure 5)")
+    g = common.add_argument_group("DOSNES (Figure 5)")
     g.add_argument("--dosnes-n", type=int, default=500, help="N images and their N first captions")
     g.add_argument("--dosnes-iterations", type=int, default=1000)
     g.add_argument("--perplexity", type=float, default=30.0, help="of the input affinities")
-    g = p.add_argument_group("similarity (Table 8)")
+    g = common.add_argument_group("similarity (Table 8)")
     g.add_argument("--images", nargs="+", help="image files (rows)")
     g.add_argument("--texts", nargs="+", help="texts (columns)")
     g.add_argument("--similarity-examples", type=int, default=4, help="else this many synthetic scenes")
-    return p
-
-
-def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub, common = p.add_subparsers(dest="command", required=True, metavar="COMMAND"), options()
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = lambda s: [x for x in s.split(",") if x]   # noqa: E731
     pairs, classes = list(PAIR_SETS), list(CLASS_SETS)
     for name, help, data in [   # command, what it does, the data sets it takes
@@ -880,17 +869,16 @@ def build_parser():
             sp.add_argument("--datasets", default=["synthetic"], type=names,
                             help=f"comma-separated, from: {', '.join(data)} (default synthetic)")
     sp.add_argument("--skip", default=[], type=names, help=f"tasks to leave out, from: {', '.join(TASKS)}")
-    sp = sub.add_parser("curves", help="alignment and gap over training (train.py --eval-every)")
-    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders")
-    sp.add_argument("--label", action="append", help="legend name of each RUN_DIR; runs sharing one are "
-                    "drawn as their mean and a min-max band (default: the folder name less '-s<seed>')")
-    sp.add_argument("--out", default="assets", help="folder for the PNG")
-    sp.add_argument("--name", default="gap_over_training.png", help="file name of the PNG")
-    sp = sub.add_parser("tradeoff", help="a sweep: alignment against accuracy, one point per run")
-    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished train.py run folders")
-    sp.add_argument("--key", default="beta", help="the option the runs differ in (default beta)")
-    sp.add_argument("--out", default="assets", help="folder for the PNG")
-    sp.add_argument("--name", default="beta_tradeoff.png", help="file name of the PNG")
+    curves = sub.add_parser("curves", help="alignment and gap over training (train.py --eval-every)")
+    tradeoff = sub.add_parser("tradeoff",
+                              help="a sweep: alignment against accuracy, one point per finished run")
+    for sp, png in ((curves, "gap_over_training.png"), (tradeoff, "beta_tradeoff.png")):
+        sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders")
+        sp.add_argument("--out", default="assets", help="folder for the PNG")
+        sp.add_argument("--name", default=png, help="file name of the PNG")
+    curves.add_argument("--label", action="append", help="legend name of each RUN_DIR; runs sharing one are "
+                        "drawn as their mean and a min-max band (default: the folder name less '-s<seed>')")
+    tradeoff.add_argument("--key", default="beta", help="the option the runs differ in (default beta)")
     return p
 
 
