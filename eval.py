@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.datasets import ImageFolder
+import torchvision.datasets as tvd
 
 import alignclip as A
 
@@ -119,8 +119,7 @@ def templates(args, default):
 
 @dataclass
 class EvalSet:
-    """A map-style data set and what scoring it needs: caption sets go to A.evaluate, class sets to
-    A.embed_images."""
+    """A map-style data set and what scoring it needs (caption sets: A.evaluate; others: A.embed_images)."""
     name: str                  # column title in the tables
     key: str                   # what is encoded: sets with one key (shape, colour) share the embeddings
     items: object              # the map-style data set, or image_size -> it (the synthetic scenes)
@@ -158,7 +157,6 @@ TORCHVISION = {  # name: (display, torchvision class, folder it expects and its 
 
 
 def torchvision_set(name, args, split):
-    import torchvision.datasets as tvd
     display, cls, layout, kind = TORCHVISION[name]
     where = os.path.join(args.data_root, layout.split("/")[0])
     try:
@@ -213,7 +211,7 @@ def imagenet_set(name, args, split):
     if not classes or len(classes) != len(names) or numbered != (name == "imagenet-v2"):
         raise MissingData(f"{display}: expected {root}/ with {layout} (found {len(classes)} folders); "
                           f"set {option} DIR (or --data-root)")
-    ds = ImageFolder(root, loader=A.read_image)   # an unreadable file: None, skipped and counted
+    ds = tvd.ImageFolder(root, loader=A.read_image)   # an unreadable file: None, skipped and counted
     # V2's folders are class indices, which ImageFolder sorts as text ("10" before "2"): map them back
     targets = [int(ds.classes[t]) for t in ds.targets] if name == "imagenet-v2" else ds.targets
     return [EvalSet(display, f"{name}:{split}", ds, classnames=list(names), targets=targets,
@@ -392,7 +390,7 @@ def checkpoint_labels(paths, given=None):
         if len(given) != len(paths):
             raise UsageError(f"{len(given)} --label for {len(paths)} --checkpoint")
         return [f"{g} #{given[:i].count(g) + 1}" if given.count(g) > 1 else g for i, g in enumerate(given)]
-    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
     for n in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-n:]).removesuffix(".pt") for p in parts]
         if len(set(labels)) == len(labels):
@@ -584,8 +582,7 @@ def finetune(ck, train, args):
         with open(os.path.join(folder, "train.csv"), "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([("filepath", "title")] + rows)
         n, data = len(rows), ["--data", os.path.join(folder, "train.csv")]
-    # the run's own model and loss (train.py stores them resolved: beta 0 is CLIP's loss); a foreign file:
-    # clip for two towers, alignclip for one shared transformer
+    # the run's own model and loss (stored resolved: beta 0 is CLIP's); foreign: clip, alignclip if shared
     kind = ck.options.get("model") or ("alignclip" if ck.model.config.shared else "clip")
     loss = ["--no-rescale"] if ck.options.get("no_rescale") else []
     loss += [f"--{k.replace('_', '-')}={v}" for k, v in ck.options.items()
@@ -604,9 +601,8 @@ def finetune(ck, train, args):
 
 
 def task_retrieval(cks, sets, args, tuned=False):
-    """Table 5: image->text and text->image recall@1/5/10 (A.evaluate's), every caption put into
-    --retrieval-prompt. tuned: Table 6, sets are (train, test) and each checkpoint is first fine-tuned
-    on the train split (the runs are kept under OUT/finetune)."""
+    """Table 5: image->text and text->image recall@1/5/10 (A.evaluate's), captions in --retrieval-prompt.
+    tuned: Table 6, sets are (train, test) and each checkpoint is first fine-tuned on train (OUT/finetune)."""
     results, keys = {}, [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     for (train, test), ck in itertools.product(sets if tuned else [(None, s) for s in sets], cks):
         model, run = ck, {}
@@ -764,11 +760,11 @@ def run_task(task, cks, names, args, skipped=None):
     function, _, kind = TASKS[task]
     if task == "similarity":
         return function(cks, args)
+    paired = task in ("linear-probe", "finetune-retrieval")   # these also need the train split: (train, test)
     found = []
     for name in names:
-        try:   # the probe and fine-tuning also need the train split: (train, test) pairs
+        try:
             test = build_sets(kind, name, args)
-            paired = task in ("linear-probe", "finetune-retrieval")
             found += zip(build_sets(kind, name, args, "train"), test) if paired else test
         except MissingData as e:
             if skipped is None:
