@@ -30,6 +30,7 @@ CSV), fine-tuning loss options (each checkpoint is fine-tuned with its own: the 
 import argparse
 import csv
 import functools
+import itertools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.datasets import ImageFolder
+import torchvision.datasets as tvd
 
 import alignclip as A
 
@@ -65,7 +66,6 @@ CIFAR_TEMPLATES = [
     "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
     "a photo of the small {}.", "a photo of the big {}.",
 ]
-FLOWERS_TEMPLATES = ["a photo of a {}, a type of flower."]
 CARS_TEMPLATES = [
     "a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
     "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}.",
@@ -94,8 +94,8 @@ IMAGENET_TEMPLATES = [  # the 80 of CLIP's ImageNet notebook, in its order
     "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.",
     "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 ]
-TEMPLATES = {"cifar": CIFAR_TEMPLATES, "flowers": FLOWERS_TEMPLATES, "cars": CARS_TEMPLATES,
-             "imagenet": IMAGENET_TEMPLATES, "simple": ["a photo of a {}."]}
+TEMPLATES = {"cifar": CIFAR_TEMPLATES, "flowers": ["a photo of a {}, a type of flower."],
+             "cars": CARS_TEMPLATES, "imagenet": IMAGENET_TEMPLATES, "simple": ["a photo of a {}."]}
 
 
 def read_lines(path, what):
@@ -116,12 +116,10 @@ def templates(args, default):
 
 
 # ---- Data sets ----
-# An EvalSet: a map-style data set and what scoring it needs. Caption sets (item i = (image, first caption)
-# or None; captions(i): all of image i's) go to A.evaluate, class sets (image, class) to A.embed_images.
-
 
 @dataclass
 class EvalSet:
+    """A map-style data set and what scoring it needs (caption sets: A.evaluate; others: A.embed_images)."""
     name: str                  # column title in the tables
     key: str                   # what is encoded: sets with one key (shape, colour) share the embeddings
     items: object              # the map-style data set, or image_size -> it (the synthetic scenes)
@@ -159,7 +157,6 @@ TORCHVISION = {  # name: (display, torchvision class, folder it expects and its 
 
 
 def torchvision_set(name, args, split):
-    import torchvision.datasets as tvd
     display, cls, layout, kind = TORCHVISION[name]
     where = os.path.join(args.data_root, layout.split("/")[0])
     try:
@@ -214,19 +211,18 @@ def imagenet_set(name, args, split):
     if not classes or len(classes) != len(names) or numbered != (name == "imagenet-v2"):
         raise MissingData(f"{display}: expected {root}/ with {layout} (found {len(classes)} folders); "
                           f"set {option} DIR (or --data-root)")
-    ds = ImageFolder(root, loader=A.read_image)   # an unreadable file: None, skipped and counted
+    ds = tvd.ImageFolder(root, loader=A.read_image)   # an unreadable file: None, skipped and counted
     # V2's folders are class indices, which ImageFolder sorts as text ("10" before "2"): map them back
     targets = [int(ds.classes[t]) for t in ds.targets] if name == "imagenet-v2" else ds.targets
     return [EvalSet(display, f"{name}:{split}", ds, classnames=list(names), targets=targets,
                     templates=templates(args, IMAGENET_TEMPLATES))]
 
 
+@dataclass
 class CaptionFiles(torch.utils.data.Dataset):
-    """Image files and their captions: item i = (uint8 image, first caption), or None if it cannot be read;
-    captions(i) = every caption of image i."""
-
-    def __init__(self, images, captions):
-        self.images, self.caps = images, captions
+    """Image files and their captions: item i = (uint8 image, first caption), or None if it cannot be read."""
+    images: list               # a path per image
+    caps: list                 # every caption of each image
 
     def __len__(self):
         return len(self.images)
@@ -239,8 +235,20 @@ class CaptionFiles(torch.utils.data.Dataset):
         return self.caps[i]
 
 
-def read_karpathy(path, images_dir, split, option):
-    """(image paths, captions of each) of a Karpathy JSON's split ("train": train + restval)."""
+CAPTION_SETS = {  # name: (display, option prefix, Karpathy split JSON and images under --data-root)
+    "coco": ("MSCOCO", "coco", "coco/dataset_coco.json", "coco"),
+    "flickr30k": ("Flickr30K", "flickr", "flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images"),
+}
+
+
+def caption_set(name, args, split):
+    """MSCOCO or Flickr30K, a split of its Karpathy split JSON ("train": train + restval)."""
+    display, opt, karpathy, folder = CAPTION_SETS[name]
+    path = getattr(args, f"{opt}_json") or os.path.join(args.data_root, karpathy)
+    if not os.path.isfile(path):
+        raise MissingData(f"{display}: no Karpathy split JSON (dataset_{name}.json) at {path}; set "
+                          f"--{opt}-json FILE and --{opt}-images DIR (or --data-root)")
+    images_dir = getattr(args, f"{opt}_images") or os.path.join(args.data_root, folder)
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if not (data.get("images") and "sentences" in data["images"][0]):
@@ -252,26 +260,10 @@ def read_karpathy(path, images_dir, split, option):
     found = [next((p for p in where if os.path.isfile(p)), None) for where, _ in entries]
     missing = [where[0] for p, (where, _) in zip(found, entries) if p is None]
     if missing or not entries:
-        raise MissingData(f"{len(missing)} of {len(entries)} images listed in {path} are missing" + (
-            f", e.g. {missing[0]}" if missing else f" (none of the {split} split)") + f"; set {option} DIR")
-    return found, [caps for _, caps in entries]
-
-
-CAPTION_SETS = {  # name: (display, option prefix, Karpathy split JSON and images under --data-root)
-    "coco": ("MSCOCO", "coco", "coco/dataset_coco.json", "coco"),
-    "flickr30k": ("Flickr30K", "flickr", "flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images"),
-}
-
-
-def caption_set(name, args, split):
-    """MSCOCO or Flickr30K, from its Karpathy split JSON (which holds the test and the training split)."""
-    display, opt, karpathy, folder = CAPTION_SETS[name]
-    path = getattr(args, f"{opt}_json") or os.path.join(args.data_root, karpathy)
-    if not os.path.isfile(path):
-        raise MissingData(f"{display}: no Karpathy split JSON (dataset_{name}.json) at {path}; set "
-                          f"--{opt}-json FILE and --{opt}-images DIR (or --data-root)")
-    images = getattr(args, f"{opt}_images") or os.path.join(args.data_root, folder)
-    pairs = CaptionFiles(*read_karpathy(path, images, split, f"--{opt}-images"))
+        example = f", e.g. {missing[0]}" if missing else f" (none of the {split} split)"
+        raise MissingData(f"{len(missing)} of {len(entries)} images listed in {path} are missing{example}; "
+                          f"set --{opt}-images DIR")
+    pairs = CaptionFiles(found, [caps for _, caps in entries])
     return [EvalSet(display, f"{name}:{split}", pairs, captions=True)]
 
 
@@ -302,7 +294,6 @@ def build_sets(kind, name, args, split="test"):
 
 
 # ---- Checkpoints, and their embeddings kept in memory for this run ----
-
 
 @dataclass
 class Checkpoint:
@@ -348,26 +339,25 @@ def embed(ck, s, args):
                 metrics, e = A.evaluate(ck.model, ck.tokenizer, items, args.device, args.batch_size,
                                         args.workers, prompt=prompt, return_embeddings=True)
                 # kept=None: A.evaluate keeps every synthetic scene (the one caption set with classes)
-                ck.memo[s.key] = dict(e, metrics=metrics, kept=None)
+                e = dict(e, metrics=metrics, kept=None)
             else:
                 Ev, kept = A.embed_images(ck.model, items, args.device, args.batch_size, args.workers,
                                           progress=True)
                 if not kept:
                     raise ValueError(f"none of its {len(items)} images could be read")
-                ck.memo[s.key] = {"image": Ev, "kept": kept}
-        except ValueError as e:   # e.g. not one image of the set could be read
-            raise UsageError(f"{s.name}: {e}") from None
-        e = ck.memo[s.key]
+                e = {"image": Ev, "kept": kept}
+        except ValueError as error:   # e.g. not one image of the set could be read
+            raise UsageError(f"{s.name}: {error}") from None
         e["skipped"] = len(items) - len(e["image"])   # unreadable: printed, and in the JSON
         if e["skipped"]:
             print(f"{ck.label}: {s.key}: {e['skipped']} of {len(items)} images could not be read: skipped")
+        ck.memo[s.key] = e
     e = ck.memo[s.key]
     y = None if s.targets is None else torch.tensor(s.targets)
     return e if y is None else dict(e, y=y if e["kept"] is None else y[e["kept"]])
 
 
 # ---- Tables, labels, figures ----
-
 
 def table(title, header, rows):
     """Plain text: the first column left-aligned, the others right-aligned."""
@@ -400,7 +390,7 @@ def checkpoint_labels(paths, given=None):
         if len(given) != len(paths):
             raise UsageError(f"{len(given)} --label for {len(paths)} --checkpoint")
         return [f"{g} #{given[:i].count(g) + 1}" if given.count(g) > 1 else g for i, g in enumerate(given)]
-    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
     for n in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-n:]).removesuffix(".pt") for p in parts]
         if len(set(labels)) == len(labels):
@@ -440,7 +430,6 @@ def save_figure(fig, folder, name):
 # ---- DOSNES (Lu, Corander & Yang, 2019): doubly stochastic neighbour embedding on spheres, Figure 5 ----
 # t-SNE's input affinities made doubly stochastic (every point has the same total affinity: no crowding at
 # the centre), embedded in 3-D with t-SNE's Student-t kernel and put back on a sphere after every step.
-
 
 def dosnes_affinities(X, perplexity=30.0, device="cpu"):
     """(N, N) float64 input affinities: symmetric, zero diagonal, rows and columns summing to 1. Each row
@@ -495,22 +484,20 @@ def dosnes(X, n_iter=1000, perplexity=30.0, seed=0, learning_rate=500.0, device=
 
 # ---- The tasks, one per table: each prints it and returns {data set: {checkpoint label: metrics}} ----
 
-
 def task_alignment(cks, sets, args):
     """Table 1 and Figure 4: alignment score (Eq. 5), mean angle, modality gap; CDF of the paired cosines."""
     results, cosines = {s.name: {} for s in sets}, {s.name: {} for s in sets}
-    for s in sets:
-        for ck in cks:
-            e = embed(ck, s, args)
-            if s.captions:   # every caption with its image: A.evaluate's numbers, as train.py reports them
-                img, txt, m = e["image"][e["owner"]], e["text"], e["metrics"]
-            else:            # each image with the prompt of its class
-                prompts = [args.alignment_prompt.format(c) for c in s.classnames]
-                img = e["image"]
-                txt = A.embed_texts(ck.model, ck.tokenizer, prompts, args.device, args.batch_size)[e["y"]]
-                m = A.pair_metrics(img, txt)
-            results[s.name][ck.label] = {k: m[k] for k in ("alignment", "angle_deg", "gap", "pairs")}
-            cosines[s.name][ck.label] = F.cosine_similarity(img, txt, dim=-1).sort().values   # (pairs,)
+    for s, ck in itertools.product(sets, cks):
+        e = embed(ck, s, args)
+        if s.captions:   # every caption with its image: A.evaluate's numbers, as train.py reports them
+            img, txt, m = e["image"][e["owner"]], e["text"], e["metrics"]
+        else:            # each image with the prompt of its class
+            prompts = [args.alignment_prompt.format(c) for c in s.classnames]
+            img = e["image"]
+            txt = A.embed_texts(ck.model, ck.tokenizer, prompts, args.device, args.batch_size)[e["y"]]
+            m = A.pair_metrics(img, txt)
+        results[s.name][ck.label] = {k: m[k] for k in ("alignment", "angle_deg", "gap", "pairs")}
+        cosines[s.name][ck.label] = F.cosine_similarity(img, txt, dim=-1).sort().values   # (pairs,)
     model_table("Table 1: alignment score (mean angle in degrees, modality gap)", results,
                 lambda m: f"{m['alignment']:.3f} ({m['angle_deg']:.1f}, {m['gap']:.3f})")
     fig, axes = figure(len(cosines))   # Figure 4: one panel per data set, one curve per checkpoint
@@ -526,16 +513,15 @@ def task_alignment(cks, sets, args):
 def task_zeroshot(cks, sets, args):
     """Tables 2 and 4: zero-shot top-1 / top-5 with prompt-template ensembles."""
     results = {s.name: {} for s in sets}
-    for s in sets:
-        for ck in cks:
-            e = embed(ck, s, args)
-            if s.label:   # the synthetic scenes: A.evaluate's own numbers (train.py's final_metrics.json)
-                top = {k: e["metrics"][f"zeroshot_{s.label}_top{k}"] for k in (1, 5)}
-            else:
-                W = A.zeroshot_classifier(ck.model, ck.tokenizer, s.classnames, s.templates, args.device)
-                top = A.accuracy(e["image"] @ W.float().cpu().T, e["y"], topk=(1, 5))   # (n, C) logits
-            results[s.name][ck.label] = {"top1": top[1], "top5": top[5], "images": len(e["image"]),
-                                         "classes": len(s.classnames)}
+    for s, ck in itertools.product(sets, cks):
+        e = embed(ck, s, args)
+        if s.label:   # the synthetic scenes: A.evaluate's own numbers (train.py's final_metrics.json)
+            top = {k: e["metrics"][f"zeroshot_{s.label}_top{k}"] for k in (1, 5)}
+        else:
+            W = A.zeroshot_classifier(ck.model, ck.tokenizer, s.classnames, s.templates, args.device)
+            top = A.accuracy(e["image"] @ W.float().cpu().T, e["y"], topk=(1, 5))   # (n, C) logits
+        results[s.name][ck.label] = {"top1": top[1], "top5": top[5], "images": len(e["image"]),
+                                     "classes": len(s.classnames)}
     return model_table("Tables 2 and 4: zero-shot accuracy, top-1 / top-5 (%)", results,
                        lambda m: f"{m['top1']:.1f} / {m['top5']:.1f}")
 
@@ -547,34 +533,31 @@ def train_probe(x, y, n_classes, args, device):
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.probe_lr, weight_decay=args.probe_weight_decay)
-    b, g = args.probe_batch_size, torch.Generator().manual_seed(args.seed)
-    per_epoch = math.ceil(len(x) / b)
-    total = args.probe_epochs * per_epoch
+    g, step = torch.Generator().manual_seed(args.seed), 0
+    total = args.probe_epochs * math.ceil(len(x) / args.probe_batch_size)
     x, y = x.to(device), y.to(device)
-    for step in range(total):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x), generator=g).to(device)
-        idx = order[(step % per_epoch) * b:][:b]
-        for group in opt.param_groups:
-            group["lr"] = A.cosine_lr(step, total, args.probe_lr, warmup=0)
-        loss = F.cross_entropy(probe(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for _ in range(args.probe_epochs):
+        for idx in torch.randperm(len(x), generator=g).to(device).split(args.probe_batch_size):
+            for group in opt.param_groups:
+                group["lr"] = A.cosine_lr(step, total, args.probe_lr, warmup=0)
+            loss = F.cross_entropy(probe(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
     return probe
 
 
 def task_linear_probe(cks, set_pairs, args):
     """Table 3: top-1 of a linear probe trained on the train split's frozen image embeddings."""
     results = {test.name: {} for _, test in set_pairs}
-    for train, test in set_pairs:
-        for ck in cks:
-            tr, te = embed(ck, train, args), embed(ck, test, args)
-            probe = train_probe(tr["image"], tr["y"], len(train.classnames), args, args.device)
-            with torch.no_grad():
-                top1 = A.accuracy(probe(te["image"].to(args.device)).cpu(), te["y"], topk=(1,))[1]
-            results[test.name][ck.label] = {"top1": top1, "train_images": len(tr["image"]),
-                                            "test_images": len(te["image"])}
+    for (train, test), ck in itertools.product(set_pairs, cks):
+        tr, te = embed(ck, train, args), embed(ck, test, args)
+        probe = train_probe(tr["image"], tr["y"], len(train.classnames), args, args.device)
+        with torch.no_grad():
+            top1 = A.accuracy(probe(te["image"].to(args.device)).cpu(), te["y"], topk=(1,))[1]
+        results[test.name][ck.label] = {"top1": top1, "train_images": len(tr["image"]),
+                                        "test_images": len(te["image"])}
     return model_table("Table 3: linear probe, top-1 (%)", results, lambda m: f"{m['top1']:.1f}")
 
 
@@ -599,8 +582,7 @@ def finetune(ck, train, args):
         with open(os.path.join(folder, "train.csv"), "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([("filepath", "title")] + rows)
         n, data = len(rows), ["--data", os.path.join(folder, "train.csv")]
-    # the run's own model and loss (train.py stores them resolved: beta 0 is CLIP's loss); a foreign file:
-    # clip for two towers, alignclip for one shared transformer
+    # the run's own model and loss (stored resolved: beta 0 is CLIP's); foreign: clip, alignclip if shared
     kind = ck.options.get("model") or ("alignclip" if ck.model.config.shared else "clip")
     loss = ["--no-rescale"] if ck.options.get("no_rescale") else []
     loss += [f"--{k.replace('_', '-')}={v}" for k, v in ck.options.items()
@@ -619,20 +601,17 @@ def finetune(ck, train, args):
 
 
 def task_retrieval(cks, sets, args, tuned=False):
-    """Table 5: image->text and text->image recall@1/5/10 (A.evaluate's), every caption put into
-    --retrieval-prompt. tuned: Table 6, sets are (train, test) and each checkpoint is first fine-tuned
-    on the train split (the runs are kept under OUT/finetune)."""
+    """Table 5: image->text and text->image recall@1/5/10 (A.evaluate's), captions in --retrieval-prompt.
+    tuned: Table 6, sets are (train, test) and each checkpoint is first fine-tuned on train (OUT/finetune)."""
     results, keys = {}, [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    for train, test in sets if tuned else [(None, s) for s in sets]:
-        results[test.name] = {}
-        for ck in cks:
-            model, run = ck, {}
-            if tuned:
-                path, kind = finetune(ck, train, args)
-                model, run = load_checkpoint(path, ck.label, args), {"checkpoint": path, "model": kind}
-            m = embed(model, test, args)["metrics"]
-            results[test.name][ck.label] = dict({k: m[k] for k in keys}, images=m["images"],
-                                                captions=m["pairs"], **run)
+    for (train, test), ck in itertools.product(sets if tuned else [(None, s) for s in sets], cks):
+        model, run = ck, {}
+        if tuned:
+            path, kind = finetune(ck, train, args)
+            model, run = load_checkpoint(path, ck.label, args), {"checkpoint": path, "model": kind}
+        m = embed(model, test, args)["metrics"]
+        results.setdefault(test.name, {})[ck.label] = dict({k: m[k] for k in keys}, images=m["images"],
+                                                           captions=m["pairs"], **run)
     recalls = lambda m, i: " ".join(f"{m[k]:.1f}" for k in keys[i:i + 3])   # noqa: E731
     return model_table(f"Table {'6: fine-tuned' if tuned else '5: zero-shot'} retrieval, R@1 R@5 R@10 "
                        "image->text | text->image (%)", results,
@@ -781,11 +760,11 @@ def run_task(task, cks, names, args, skipped=None):
     function, _, kind = TASKS[task]
     if task == "similarity":
         return function(cks, args)
+    paired = task in ("linear-probe", "finetune-retrieval")   # these also need the train split: (train, test)
     found = []
     for name in names:
-        try:   # the probe and fine-tuning also need the train split: (train, test) pairs
+        try:
             test = build_sets(kind, name, args)
-            paired = task in ("linear-probe", "finetune-retrieval")
             found += zip(build_sets(kind, name, args, "train"), test) if paired else test
         except MissingData as e:
             if skipped is None:
@@ -810,29 +789,27 @@ def run_all(cks, args):
 
 # ---- Command line ----
 
-
-def options():
-    """Every option of the checkpoint commands (each reads the groups it needs), as a parent parser."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("models")
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)   # every option of the checkpoint commands
+    g = common.add_argument_group("models")
     g.add_argument("--checkpoint", action="append", required=True, metavar="PATH", help="repeat to compare")
     g.add_argument("--label", action="append", help="of each --checkpoint; runs sharing one: mean +- std")
     g.add_argument("--activation", choices=["gelu", "quick_gelu"], help="default: the file's, else gelu")
     g.add_argument("--tokenizer", metavar="MERGES", help="BPE merges file for foreign checkpoints")
     g.add_argument("--heads", type=int, help="attention heads of a foreign checkpoint of no released shape")
     g.add_argument("--text-heads", type=int, help="its text tower's, if not --heads")
-    g = p.add_argument_group("protocol")
+    g = common.add_argument_group("protocol")
     g.add_argument("--retrieval-prompt", default="a photo of the {}", help="each caption's, for retrieval")
     g.add_argument("--no-prompt", action="store_true", help="retrieval with the raw captions")
     g.add_argument("--alignment-prompt", default="a photo of a {}.", help="pairs a class's images with it")
     g.add_argument("--templates", help="cifar|flowers|cars|imagenet|simple|FILE (default: the set's own)")
-    g = p.add_argument_group("compute and output")
+    g = common.add_argument_group("compute and output")
     g.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     g.add_argument("--seed", type=int, default=0, help="seeds the linear probe, fine-tuning and DOSNES")
     g.add_argument("--out", default="runs/eval", help="folder for the results JSON and the figures")
-    g = p.add_argument_group("data (nothing is downloaded unless --download)")
+    g = common.add_argument_group("data (nothing is downloaded unless --download)")
     g.add_argument("--data-root", default="data", help="root of the data sets (layouts in the README)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR / Flowers-102")
     g.add_argument("--synthetic-size", type=int, default=1000, help="synthetic validation scenes")
@@ -850,31 +827,27 @@ def options():
         g.add_argument(option, help=f"{display}, {layout} (default DATA_ROOT/{default})")
     g.add_argument("--imagenet-train", help="ImageNet train (default DATA_ROOT/imagenet/train)")
     g.add_argument("--imagenet-wnids", help="the 1000 wnids in class order, one a line (for ImageNet-R/-A)")
-    g = p.add_argument_group("linear probe (Table 3)")
+    g = common.add_argument_group("linear probe (Table 3)")
     g.add_argument("--probe-epochs", type=int, default=30)
     g.add_argument("--probe-lr", type=float, default=5e-4, help="AdamW, cosine decay to 0")
     g.add_argument("--probe-batch-size", type=int, default=128)
     g.add_argument("--probe-weight-decay", type=float, default=0.0)
-    g = p.add_argument_group("fine-tuning by train.py (Table 6)")
+    g = common.add_argument_group("fine-tuning by train.py (Table 6)")
     g.add_argument("--finetune-epochs", type=int, help="default: 8 MSCOCO, 20 Flickr30K, 1 synthetic")
     g.add_argument("--finetune-lr", type=float, default=5e-6, help="AdamW, cosine decay to 0")
     g.add_argument("--finetune-weight-decay", type=float, default=0.2)
     g.add_argument("--finetune-batch-size", type=int, default=128)
     g.add_argument("--finetune-synthetic-size", type=int, default=1000, help="synthetic training scenes")
-    g = p.add_argument_group("DOSNES (Figure 5)")
+    g = common.add_argument_group("DOSNES (Figure 5)")
     g.add_argument("--dosnes-n", type=int, default=500, help="N images and their N first captions")
     g.add_argument("--dosnes-iterations", type=int, default=1000)
     g.add_argument("--perplexity", type=float, default=30.0, help="of the input affinities")
-    g = p.add_argument_group("similarity (Table 8)")
+    g = common.add_argument_group("similarity (Table 8)")
     g.add_argument("--images", nargs="+", help="image files (rows)")
     g.add_argument("--texts", nargs="+", help="texts (columns)")
     g.add_argument("--similarity-examples", type=int, default=4, help="else this many synthetic scenes")
-    return p
-
-
-def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub, common = p.add_subparsers(dest="command", required=True, metavar="COMMAND"), options()
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = lambda s: [x for x in s.split(",") if x]   # noqa: E731
     pairs, classes = list(PAIR_SETS), list(CLASS_SETS)
     for name, help, data in [   # command, what it does, the data sets it takes
@@ -892,17 +865,16 @@ def build_parser():
             sp.add_argument("--datasets", default=["synthetic"], type=names,
                             help=f"comma-separated, from: {', '.join(data)} (default synthetic)")
     sp.add_argument("--skip", default=[], type=names, help=f"tasks to leave out, from: {', '.join(TASKS)}")
-    sp = sub.add_parser("curves", help="alignment and gap over training (train.py --eval-every)")
-    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders")
-    sp.add_argument("--label", action="append", help="legend name of each RUN_DIR; runs sharing one are "
-                    "drawn as their mean and a min-max band (default: the folder name less '-s<seed>')")
-    sp.add_argument("--out", default="assets", help="folder for the PNG")
-    sp.add_argument("--name", default="gap_over_training.png", help="file name of the PNG")
-    sp = sub.add_parser("tradeoff", help="a sweep: alignment against accuracy, one point per run")
-    sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished train.py run folders")
-    sp.add_argument("--key", default="beta", help="the option the runs differ in (default beta)")
-    sp.add_argument("--out", default="assets", help="folder for the PNG")
-    sp.add_argument("--name", default="beta_tradeoff.png", help="file name of the PNG")
+    curves = sub.add_parser("curves", help="alignment and gap over training (train.py --eval-every)")
+    tradeoff = sub.add_parser("tradeoff",
+                              help="a sweep: alignment against accuracy, one point per finished run")
+    for sp, png in ((curves, "gap_over_training.png"), (tradeoff, "beta_tradeoff.png")):
+        sp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders")
+        sp.add_argument("--out", default="assets", help="folder for the PNG")
+        sp.add_argument("--name", default=png, help="file name of the PNG")
+    curves.add_argument("--label", action="append", help="legend name of each RUN_DIR; runs sharing one are "
+                        "drawn as their mean and a min-max band (default: the folder name less '-s<seed>')")
+    tradeoff.add_argument("--key", default="beta", help="the option the runs differ in (default beta)")
     return p
 
 
