@@ -401,7 +401,7 @@ def checkpoint_labels(paths, given=None):
 def mean_std(per_task, groups):
     """{task: {data set: {model: {metric: [mean, sample std]}}}} over each group's runs ({model: labels})."""
     out = {}
-    for task in HEADLINES.keys() & per_task.keys():
+    for task in [t for t in HEADLINES if t in per_task]:      # in a fixed order
         for dataset, runs in per_task[task].items():
             for model, labels in groups.items():
                 ms = [runs[r] for r in labels if not dataset.startswith("_") and r in runs]
@@ -864,6 +864,7 @@ def build_parser():
         if data:
             sp.add_argument("--datasets", default=["synthetic"], type=names,
                             help=f"comma-separated, from: {', '.join(data)} (default synthetic)")
+            sp.set_defaults(known_datasets=data)
     sp.add_argument("--skip", default=[], type=names, help=f"tasks to leave out, from: {', '.join(TASKS)}")
     curves = sub.add_parser("curves", help="alignment and gap over training (train.py --eval-every)")
     tradeoff = sub.add_parser("tradeoff",
@@ -884,6 +885,10 @@ def main(argv=None):
     try:
         if args.command in ("curves", "tradeoff"):   # run folders, no checkpoint
             return task_curves(args) if args.command == "curves" else task_tradeoff(args)
+        unknown = [d for d in getattr(args, "datasets", []) if d not in args.known_datasets]
+        if unknown:
+            raise UsageError(f"--datasets {','.join(unknown)}: not for {args.command}; it takes "
+                             + ", ".join(args.known_datasets))
         if args.text_heads is not None and args.heads is None:
             raise UsageError("--text-heads needs --heads (the image tower's, or the shared transformer's)")
         os.makedirs(args.out, exist_ok=True)

@@ -4420,3 +4420,10 @@ def test_logged_rate_and_eta_are_over_the_last_interval(tmp_path, monkeypatch):
     recs = records(out)
     assert [r["pairs_per_s"] for r in recs] == pytest.approx([2 * 8 / 101, 2 * 8 / 2, 2 * 8 / 2])
     assert recs[1]["eta_min"] == pytest.approx(2 / 1 / 60)              # 2 steps left at 1 step/s
+
+
+def test_eval_refuses_a_data_set_its_command_does_not_take():
+    # finetune-retrieval has no CSV fine-tuning: refused in one line, not a traceback after loading
+    with pytest.raises(SystemExit) as e:
+        E.main(["finetune-retrieval", "--checkpoint", "x.pt", "--datasets", "csv"])
+    assert "--datasets csv: not for finetune-retrieval; it takes synthetic, coco, flickr30k" in str(e.value)
